@@ -1,0 +1,44 @@
+"""What every CLI verb shares: the common flags, settings from flags, and printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .._settings import Settings, settings_from_env
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Flags accepted by every verb; each overrides its environment variable."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("settings (each overrides its RUNTIME_MODULES_* variable)")
+    g.add_argument("--registry", type=Path, help="module registry JSON [RUNTIME_MODULES_REGISTRY]")
+    g.add_argument("--state-dir", type=Path, help="state directory [RUNTIME_MODULES_STATE_DIR]")
+    g.add_argument(
+        "--nixos-rebuild", help="the nixos-rebuild command [RUNTIME_MODULES_NIXOS_REBUILD]"
+    )
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    import shlex
+
+    s = settings_from_env()
+    changes: dict[str, object] = {}
+    if getattr(args, "registry", None) is not None:
+        changes["registry"] = args.registry
+    if getattr(args, "state_dir", None) is not None:
+        changes["state_dir"] = args.state_dir
+    if getattr(args, "nixos_rebuild", None):
+        changes["nixos_rebuild"] = tuple(shlex.split(args.nixos_rebuild))
+    if getattr(args, "rules_paths", None):
+        changes["rules"] = tuple(args.rules_paths)
+    return s.with_(**changes) if changes else s
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")

@@ -1,0 +1,10 @@
+"""rules check, rules schema, simulate, explain: rule verbs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add this group's subcommands to ``sub``."""
