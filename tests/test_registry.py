@@ -22,7 +22,7 @@ def test_good_registry_keeps_extra_fields() -> None:
         ("{", "r.json: not valid JSON"),
         ('{"flake": "path:/x"}', "r.json: host: Field required"),
         (GOOD.replace("laptop", "a b"), "r.json: host:"),
-        (GOOD.replace("path:/nix/store/abc-source", 'x"; ${evil}'), "r.json: flake:"),
+        (GOOD.replace("path:/nix/store/abc-source", 'x\\"; ${evil}'), "r.json: flake:"),
         (GOOD.replace('"gaming"', '"a\\nb"'), "r.json: modules[0].name:"),
         (GOOD.replace('{"name": "gaming"}', '{"name": "g"}, {"name": "g"}'), "listed twice"),
     ],
