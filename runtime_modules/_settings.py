@@ -26,6 +26,8 @@ ENV_HOOK_TIMEOUT = "RUNTIME_MODULES_HOOK_TIMEOUT"
 ENV_CONTROL_GROUP = "RUNTIME_MODULES_CONTROL_GROUP"
 ENV_CURRENT_SYSTEM = "RUNTIME_MODULES_CURRENT_SYSTEM"
 ENV_LOG_LEVEL = "RUNTIME_MODULES_LOG_LEVEL"
+ENV_SETTLE = "RUNTIME_MODULES_SETTLE"
+ENV_LINGER = "RUNTIME_MODULES_LINGER"
 
 DEFAULT_REGISTRY = Path("/etc/runtime-modules/modules.json")
 DEFAULT_STATE_DIR = Path("/run/runtime-modules")
@@ -35,6 +37,8 @@ DEFAULT_HOOKS_DIR = Path("/etc/runtime-modules/hooks")
 DEFAULT_CURRENT_SYSTEM = Path("/run/current-system")
 DEFAULT_APPLY_TIMEOUT = 30 * 60.0  # a full rebuild of a heavy module on a laptop fits in 30 min
 DEFAULT_HOOK_TIMEOUT = 30.0
+DEFAULT_SETTLE = 3.0  # a GPU's driver binds within ~1 s of the device; docks enumerate in ~2 s
+DEFAULT_LINGER = 30.0  # long enough to re-seat a cable or move a desk without a rebuild
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +54,8 @@ class Settings:
     hook_timeout: float = DEFAULT_HOOK_TIMEOUT
     control_group: str | None = None  # members may change state besides root
     log_level: str = "info"
+    default_settle: float = DEFAULT_SETTLE  # for rules that give no `settle`
+    default_linger: float = DEFAULT_LINGER  # for rules that give no `linger`
     extra: Mapping[str, str] = field(default_factory=dict)
 
     # Files inside the state directory, named once here.
@@ -85,14 +91,14 @@ class Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _seconds(name: str, text: str) -> float:
+def _seconds(name: str, text: str, *, allow_zero: bool = False) -> float:
     try:
         value = float(text)
     except ValueError:
         raise ConfigError(
             f"{name}={text!r} is not a number of seconds; set it to e.g. 1800"
         ) from None
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={text!r} must be more than 0 seconds")
     return value
 
@@ -125,6 +131,10 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         changes["hook_timeout"] = _seconds(ENV_HOOK_TIMEOUT, v)
     if v := env.get(ENV_CONTROL_GROUP):
         changes["control_group"] = v
+    if v := env.get(ENV_SETTLE):
+        changes["default_settle"] = _seconds(ENV_SETTLE, v, allow_zero=True)
+    if v := env.get(ENV_LINGER):
+        changes["default_linger"] = _seconds(ENV_LINGER, v, allow_zero=True)
     if v := env.get(ENV_LOG_LEVEL):
         changes["log_level"] = v.lower()
     return s.with_(**changes) if changes else s
