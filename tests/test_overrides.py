@@ -1,0 +1,367 @@
+"""Overrides: the two-layer store, its files' recovery, expiry conversion, and --for/--until."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtime_modules._durations import format_duration, parse_duration, parse_until
+from runtime_modules._errors import ConfigError, PermissionDeniedError, RuntimeModulesError
+from runtime_modules._overrides import (
+    MAX_FILE_BYTES,
+    OverrideSource,
+    OverrideState,
+    OverrideStore,
+    monotonic_deadline,
+)
+from runtime_modules._settings import Settings
+
+T0 = 1_800_000_000.0  # a fixed wall-clock "now" (2027-01-15)
+ROOT = OverrideSource(uid=0, user="root", command="enable gaming")
+
+
+@pytest.fixture
+def warnings() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def store(tmp_path: Path, warnings: list[str]) -> OverrideStore:
+    settings = Settings(state_dir=tmp_path / "run", persist_dir=tmp_path / "lib")
+    return OverrideStore.from_settings(settings, warn=warnings.append)
+
+
+# --- the store -----------------------------------------------------------------------------
+
+
+def test_no_files_means_no_pins_and_no_warning(store: OverrideStore, warnings: list[str]) -> None:
+    view = store.load(T0)
+    assert dict(view.pins) == {}
+    assert view.paused is False
+    assert warnings == []
+
+
+def test_pin_round_trips_through_the_runtime_file(store: OverrideStore) -> None:
+    store.pin(
+        ["gaming", "vm"], OverrideState.ON, until=T0 + 7200, source=ROOT, persist=False, now=T0
+    )
+    # A fresh store reads what the first wrote: nothing lives only in memory.
+    view = OverrideStore(store.runtime_file, store.persistent_file).load(T0 + 1)
+    assert set(view.pins) == {"gaming", "vm"}
+    pin = view.pins["gaming"]
+    assert (pin.state, pin.until, pin.created, pin.persistent) == (
+        OverrideState.ON,
+        T0 + 7200,
+        T0,
+        False,
+    )
+    assert pin.source == ROOT
+    assert not store.persistent_file.exists()
+    doc = json.loads(store.runtime_file.read_text())
+    assert doc["version"] == 1
+    # Wall-clock moments are written readable, with their offset.
+    assert doc["overrides"]["gaming"]["until"] == "2027-01-15T10:00:00Z"
+
+
+def test_runtime_pin_shadows_persistent_until_it_expires(store: OverrideStore) -> None:
+    store.pin(["gaming"], OverrideState.OFF, until=None, source=ROOT, persist=True, now=T0)
+    store.pin(["gaming"], OverrideState.ON, until=T0 + 60, source=ROOT, persist=False, now=T0)
+    assert store.load(T0 + 59).pins["gaming"].state is OverrideState.ON
+    after = store.load(T0 + 60).pins["gaming"]
+    assert (after.state, after.persistent) == (OverrideState.OFF, True)
+
+
+def test_persist_replaces_a_runtime_pin(store: OverrideStore) -> None:
+    store.pin(["gaming"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0)
+    view = store.pin(["gaming"], OverrideState.OFF, until=None, source=ROOT, persist=True, now=T0)
+    assert view.pins["gaming"].state is OverrideState.OFF
+    assert json.loads(store.runtime_file.read_text())["overrides"] == {}
+
+
+def test_unpin_removes_both_layers(store: OverrideStore) -> None:
+    store.pin(["gaming"], OverrideState.OFF, until=None, source=ROOT, persist=True, now=T0)
+    store.pin(["gaming", "vm"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0)
+    view = store.unpin(["gaming"], now=T0)
+    assert set(view.pins) == {"vm"}
+    assert json.loads(store.persistent_file.read_text())["overrides"] == {}
+
+
+def test_expire_removes_passed_pins_and_reports_them(store: OverrideStore) -> None:
+    store.pin(["a"], OverrideState.ON, until=T0 + 10, source=ROOT, persist=False, now=T0)
+    store.pin(["b"], OverrideState.ON, until=T0 + 20, source=ROOT, persist=True, now=T0)
+    store.pin(["c"], OverrideState.OFF, until=None, source=ROOT, persist=False, now=T0)
+    assert store.load(T0).next_expiry() == T0 + 10
+    gone, view = store.expire(T0 + 20)
+    assert gone == ["a", "b"]
+    assert set(view.pins) == {"c"}
+    assert view.next_expiry() is None
+    assert set(json.loads(store.runtime_file.read_text())["overrides"]) == {"c"}
+
+
+def test_pause_is_runtime_only(store: OverrideStore) -> None:
+    store.set_paused(True, now=T0)
+    assert store.load(T0).paused is True
+    # A persistent file that says paused (hand-written, or a future version) does not pause.
+    store.runtime_file.unlink()
+    store.persistent_file.parent.mkdir(parents=True, exist_ok=True)
+    store.persistent_file.write_text('{"version": 1, "paused": true, "overrides": {}}')
+    assert store.load(T0).paused is False
+    store.set_paused(True, now=T0)
+    assert store.set_paused(False, now=T0).paused is False
+
+
+def test_clear_keeps_persistent_pins_unless_asked(store: OverrideStore) -> None:
+    store.pin(["p"], OverrideState.ON, until=None, source=ROOT, persist=True, now=T0)
+    store.pin(["r"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0)
+    assert set(store.clear(now=T0).pins) == {"p"}
+    assert dict(store.clear(now=T0, persistent=True).pins) == {}
+
+
+def test_unknown_modules_are_left_out_but_kept(store: OverrideStore, warnings: list[str]) -> None:
+    store.pin(["gone", "vm"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0)
+    assert set(store.load(T0, known={"vm"}).pins) == {"vm"}
+    assert "'gone'" in warnings[0] and "runtime-modules auto gone" in warnings[0]
+    assert set(store.load(T0).pins) == {"gone", "vm"}
+
+
+def test_concurrent_writers_lose_no_pin(store: OverrideStore) -> None:
+    # Two writers in parallel: the lock makes each read-modify-write whole.
+    def writer(prefix: str) -> None:
+        for i in range(20):
+            OverrideStore(store.runtime_file, store.persistent_file).pin(
+                [f"{prefix}{i}"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0
+            )
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.load(T0).pins) == 40
+
+
+# --- bad files -----------------------------------------------------------------------------
+
+BAD_FILES = {
+    "empty": b"",
+    "blank": b"  \n",
+    "truncated": b'{"version": 1, "overrides": {"gaming": {"state": "o',
+    "binary": bytes(range(256)) * 4,
+    "not an object": b"[1, 2]",
+    "wrong version": b'{"version": 7, "overrides": {}}',
+    "bad state": b'{"version": 1, "overrides": {"g": {"state": "maybe", "source": {"uid": 0, '
+    b'"user": "root"}, "created": "2026-01-01T00:00:00Z"}}}',
+    "bad name": b'{"version": 1, "overrides": {"a\\"b${x}": {"state": "on", "source": '
+    b'{"uid": 0, "user": "root"}, "created": "2026-01-01T00:00:00Z"}}}',
+    "naive time": b'{"version": 1, "overrides": {"g": {"state": "on", "source": {"uid": 0, '
+    b'"user": "root"}, "created": "2026-01-01T00:00:00"}}}',
+}
+
+
+@pytest.mark.parametrize("content", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_bad_runtime_file_is_set_aside_with_a_warning(
+    store: OverrideStore, warnings: list[str], content: bytes
+) -> None:
+    store.pin(["keep"], OverrideState.ON, until=None, source=ROOT, persist=True, now=T0)
+    store.runtime_file.write_bytes(content)
+    view = store.load(T0)
+    assert set(view.pins) == {"keep"}  # the other layer is unaffected
+    assert len(warnings) == 1
+    assert str(store.runtime_file) in warnings[0]
+    assert "ignoring its overrides" in warnings[0]
+    aside = list(store.runtime_file.parent.glob("overrides.json.bad-*"))
+    assert len(aside) == 1
+    assert aside[0].read_bytes() == content
+    assert aside[0].name in warnings[0]
+    # And the store works on: the next change writes a good file.
+    store.pin(["new"], OverrideState.OFF, until=None, source=ROOT, persist=False, now=T0)
+    assert set(store.load(T0).pins) == {"keep", "new"}
+
+
+def test_huge_file_is_not_read_whole(store: OverrideStore, warnings: list[str]) -> None:
+    store.runtime_file.parent.mkdir(parents=True)
+    with store.runtime_file.open("wb") as f:
+        f.truncate(64 * MAX_FILE_BYTES)  # sparse: cheap to make, huge to read
+    assert dict(store.load(T0).pins) == {}
+    assert "over 1024 KiB" in warnings[0]
+
+
+def test_only_a_few_bad_copies_are_kept(store: OverrideStore, warnings: list[str]) -> None:
+    store.runtime_file.parent.mkdir(parents=True)
+    for _ in range(8):
+        store.runtime_file.write_bytes(b"\0")
+        store.load(T0)
+    assert len(list(store.runtime_file.parent.glob("overrides.json.bad-*"))) == 5
+
+
+def test_unreadable_file_warns_and_does_not_crash(
+    store: OverrideStore, warnings: list[str]
+) -> None:
+    store.runtime_file.mkdir(parents=True)  # a directory where the file should be: EISDIR
+    assert dict(store.load(T0).pins) == {}
+    assert "cannot read overrides" in warnings[0]
+
+
+def test_full_disk_leaves_the_previous_file(store: OverrideStore, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], check=True)
+    try:
+        small = OverrideStore(mnt / "overrides.json", mnt / "p.json")
+        small.pin(["a"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0)
+        before = (mnt / "overrides.json").read_bytes()
+        (mnt / "filler").write_bytes(b"x" * 12 * 1024)
+        big = OverrideSource(uid=0, user="root", command="x" * 4096)
+        with pytest.raises(RuntimeModulesError, match="cannot write overrides: No space"):
+            small.pin(
+                [f"m{i}" for i in range(40)],
+                OverrideState.ON,
+                until=None,
+                source=big,
+                persist=False,
+                now=T0,
+            )
+        assert (mnt / "overrides.json").read_bytes() == before
+        assert [p.name for p in mnt.iterdir() if p.name.endswith(".tmp")] == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_unprivileged_writer_gets_a_clear_message(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory only root may write")
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(tmp_path, 0o755)
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from runtime_modules._overrides import *\n"
+        "s = OverrideStore(Path(sys.argv[1]) / 'overrides.json', Path(sys.argv[1]) / 'p.json')\n"
+        "try:\n"
+        "    s.set_paused(True, now=0.0)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    assert out.startswith(PermissionDeniedError.__name__)
+    assert "needs root; run the command with sudo" in out
+
+
+# --- clocks --------------------------------------------------------------------------------
+
+
+def test_monotonic_deadline_keeps_the_remaining_time() -> None:
+    assert monotonic_deadline(T0 + 90, wall_now=T0, mono_now=5000.0) == 5090.0
+    assert monotonic_deadline(T0 - 1, wall_now=T0, mono_now=5000.0) == 4999.0
+
+
+# --- --for and --until ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("2h", 7200), ("90m", 5400), ("1h30m", 5400), ("45s", 45), ("1d", 86400), (" 1h 5s ", 3605)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "expected a duration like 2h"),
+        ("90", "expected a duration like 2h"),
+        ("30m1h", "expected a duration like 2h"),
+        ("1h1h", "expected a duration like 2h"),
+        ("-1h", "expected a duration like 2h"),
+        ("1.5h", "expected a duration like 2h"),
+        ("٣h", "expected a duration like 2h"),
+        ("0m", "more than 0"),
+        ("400d", "longer than a year"),
+    ],
+)
+def test_bad_durations_say_what_is_expected(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_duration(text)
+
+
+@given(st.text(max_size=40) | st.from_regex(r"[0-9 dhms]{0,30}", fullmatch=True))
+def test_duration_parser_raises_only_its_error(text: str) -> None:
+    try:
+        seconds = parse_duration(text)
+    except ConfigError as exc:
+        assert str(exc).startswith("--for ")
+    else:
+        assert 0 < seconds <= 366 * 86400
+
+
+@given(st.text(max_size=40))
+def test_until_parser_raises_only_its_error(text: str) -> None:
+    now = datetime.fromtimestamp(T0, UTC)
+    try:
+        moment = parse_until(text, now)
+    except ConfigError as exc:
+        assert str(exc).startswith("--until ")
+    else:
+        assert moment > now
+
+
+def test_until_time_of_day_is_today_or_tomorrow() -> None:
+    now = datetime(2026, 5, 1, 12, 0).astimezone()
+    later = parse_until("18:00", now)
+    assert later - now == timedelta(hours=6)
+    earlier = parse_until("09:30", now)
+    assert earlier - now == timedelta(hours=21, minutes=30)
+    assert parse_until("12:00", now) - now == timedelta(days=1)  # "now" has passed
+
+
+def test_until_iso_moment() -> None:
+    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    assert parse_until("2026-05-01T18:00+00:00", now) == datetime(2026, 5, 1, 18, tzinfo=UTC)
+    assert parse_until("2026-05-02 06:00Z", now) == datetime(2026, 5, 2, 6, tzinfo=UTC)
+    naive = parse_until("2026-05-03T08:00", now)
+    assert naive == datetime(2026, 5, 3, 8).astimezone()  # local time
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("25:00", "expected a time of day like 18:00"),
+        ("6pm", "expected a time of day like 18:00"),
+        ("2026-13-01T00:00", "expected a time of day like 18:00"),
+        ("2026-04-30T00:00Z", "has passed"),
+    ],
+)
+def test_bad_until_says_what_is_expected(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_until(text, datetime(2026, 5, 1, 12, 0, tzinfo=UTC))
