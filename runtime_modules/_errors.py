@@ -11,6 +11,7 @@
     │   └── RollbackFailedError    ... and the previous system could not be restored
     ├── HookVetoError              a pre-apply hook refused the apply
     ├── ControlError               the control socket refused or failed a request
+    │   └── NoDaemonError          no daemon listens on the control socket
     └── PermissionDeniedError      the caller may not change state (not root, not in the group)
 
 Errors are raised inside and translated once at the CLI boundary into one line on stderr and an
@@ -106,6 +107,10 @@ class HookVetoError(RuntimeModulesError):
 
 class ControlError(RuntimeModulesError):
     exit_code = ExitCode.FAILURE
+
+
+class NoDaemonError(ControlError):
+    exit_code = ExitCode.NO_DAEMON
 
 
 class PermissionDeniedError(RuntimeModulesError):
