@@ -10,6 +10,7 @@
     ├── ApplyError                 an apply failed (the system was rolled back)
     │   └── RollbackFailedError    ... and the previous system could not be restored
     ├── HookVetoError              a pre-apply hook refused the apply
+    ├── StateError                 the state directory cannot be written (read-only, full)
     ├── ControlError               the control socket refused or failed a request
     │   └── NoDaemonError          no daemon listens on the control socket
     └── PermissionDeniedError      the caller may not change state (not root, not in the group)
@@ -103,6 +104,10 @@ class RollbackFailedError(ApplyError):
 
 class HookVetoError(RuntimeModulesError):
     exit_code = ExitCode.VETOED
+
+
+class StateError(RuntimeModulesError):
+    exit_code = ExitCode.FAILURE
 
 
 class ControlError(RuntimeModulesError):
