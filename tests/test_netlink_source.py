@@ -1,0 +1,129 @@
+"""The netlink source against real rtnetlink, in a network namespace each test creates."""
+
+from __future__ import annotations
+
+import select
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from runtime_modules._errors import ConfigError
+from runtime_modules._netlink_source import NetlinkSource, enumerate_links
+from runtime_modules._world import (
+    Link,
+    LinkRemoved,
+    LinkUpsert,
+    OperState,
+    World,
+    WorldChange,
+    WorldReplaced,
+)
+from tests.fixtures.system import ip_netns
+
+pytestmark = pytest.mark.root
+
+
+def _read_until(
+    source: NetlinkSource, done: Callable[[list[WorldChange]], bool], timeout: float = 5.0
+) -> list[WorldChange]:
+    deadline = time.monotonic() + timeout
+    seen: list[WorldChange] = []
+    while not done(seen):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if select.select([source], [], [], left)[0]:
+            seen.extend(source.read())
+    return seen
+
+
+def _last(changes: list[WorldChange], ifname: str) -> Link | None:
+    links = [c.link for c in changes if isinstance(c, LinkUpsert) and c.link.ifname == ifname]
+    return links[-1] if links else None
+
+
+def test_enumerate_translates_kind_state_carrier_and_mac(netns: str) -> None:
+    ip_netns(netns, "link", "add", "va", "address", "02:AB:CD:00:00:01", "type", "veth")
+    ip_netns(netns, "link", "set", "va", "up")
+    links = {link.ifname: link for link in enumerate_links(netns)}
+    assert set(links) == {"lo", "va", "veth0"}  # the namespace's own, nothing of the host's
+    va = links["va"]
+    assert va.kind == "veth"
+    assert va.mac == "02:ab:cd:00:00:01"
+    assert va.operstate is OperState.LOWERLAYERDOWN  # its peer is still down
+    assert va.carrier is False
+    assert links["lo"].kind is None
+
+
+def test_events_follow_links_up_down_and_away(netns: str) -> None:
+    with NetlinkSource(netns) as source:
+        ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        ip_netns(netns, "link", "set", "va", "up")
+        ip_netns(netns, "link", "set", "vb", "up")
+        seen = _read_until(
+            source, lambda s: (_last(s, "va") or Link(index=0, ifname="")).carrier is True
+        )
+        va = _last(seen, "va")
+        assert va is not None and va.operstate is OperState.UP and va.kind == "veth"
+
+        ip_netns(netns, "link", "set", "vb", "down")
+        seen = _read_until(
+            source, lambda s: getattr(_last(s, "va"), "operstate", None) is OperState.LOWERLAYERDOWN
+        )
+        va = _last(seen, "va")
+        assert va is not None and va.carrier is False
+
+        ip_netns(netns, "link", "del", "va")
+        seen = _read_until(source, lambda s: sum(isinstance(c, LinkRemoved) for c in s) >= 2)
+        removed = {c.index for c in seen if isinstance(c, LinkRemoved)}
+        assert len(removed) == 2
+
+
+def test_bridge_port_leaving_is_not_a_link_removal(netns: str) -> None:
+    ip_netns(netns, "link", "add", "br0", "type", "bridge")
+    ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    with NetlinkSource(netns) as source:
+        ip_netns(netns, "link", "set", "va", "master", "br0")
+        ip_netns(netns, "link", "set", "va", "nomaster")
+        # AF_BRIDGE RTM_DELLINK is sent when the port leaves; a removal must not come of it.
+        ip_netns(netns, "link", "set", "vb", "mtu", "1400")  # a marker after the bridge events
+        seen = _read_until(source, lambda s: getattr(_last(s, "vb"), "ifname", None) == "vb")
+        assert _last(seen, "vb") is not None
+        assert not any(isinstance(c, LinkRemoved) for c in seen)
+
+
+def test_overrun_is_answered_by_a_fresh_dump(netns: str) -> None:
+    # The smallest receive buffer the kernel allows: a handful of RTM_NEWLINK overflow it.
+    with NetlinkSource(netns, receive_buffer=1) as source:
+        ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        for _ in range(10):
+            ip_netns(netns, "link", "set", "va", "up")
+            ip_netns(netns, "link", "set", "va", "down")
+        changes = source.read()
+        assert source.resyncs == 1
+        assert len(changes) == 1 and isinstance(changes[0], WorldReplaced)
+        world = World()
+        world.apply(changes[0])
+        assert world == World.of(links=enumerate_links(netns))
+        assert {link.ifname for link in world.links.values()} == {"lo", "va", "vb"}
+
+
+def test_other_namespaces_are_not_heard(netns: str) -> None:
+    other = f"{netns}x"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        with NetlinkSource(netns) as source:
+            ip_netns(other, "link", "add", "xa", "type", "veth", "peer", "name", "xb")
+            ip_netns(netns, "link", "set", "lo", "up")  # a marker in ours
+            seen = _read_until(source, lambda s: _last(s, "lo") is not None)
+            assert {c.link.ifname for c in seen if isinstance(c, LinkUpsert)} == {"lo"}
+    finally:
+        subprocess.run(["ip", "netns", "del", other], check=False)
+
+
+@pytest.mark.parametrize("name", ["no-such-namespace-rm", "../etc"])
+def test_unknown_namespace_is_a_config_error(name: str) -> None:
+    with pytest.raises(ConfigError, match="ip netns"):
+        NetlinkSource(name)
