@@ -3,7 +3,7 @@
 A thin shell over pyudev and nothing else: it reads what udev says and makes no decision. The
 monitor listens to the "udev" netlink source (events after udev's rules ran, so properties and
 tags are final) and installs kernel-side (BPF) filters for the subsystems the rules use, so the
-daemon is not even woken for the rest.
+daemon is not even woken for the rest (see ``DeviceNeeds`` for why tags are not a filter).
 
 Losing events is expected, not exceptional: the uevent socket overflows under a storm (ENOBUFS),
 and then the only truth is the present world. ``read`` answers any monitor error with a full
@@ -39,16 +39,13 @@ MAX_EVENTS_PER_READ = 512
 class DeviceNeeds(Protocol):
     """What the rules need from udev (the rules' ``Needs`` fits; the sources don't import rules).
 
-    ``subsystems`` None means "every subsystem". ``tags`` is used as a kernel-side filter only
-    when no subsystem filter is given (libudev ANDs the two kinds of filter, which would drop
-    devices that a subsystem-only rule wants).
+    ``subsystems`` None means "every subsystem". Tags are not used as a kernel filter: libudev
+    ANDs a tag filter with the subsystem filter and rules may match on either, so a tag filter
+    would drop events that a subsystem-only (or property-only) rule needs.
     """
 
     @property
     def subsystems(self) -> frozenset[str] | None: ...
-
-    @property
-    def tags(self) -> frozenset[str]: ...
 
     @property
     def attributes(self) -> frozenset[str]: ...
@@ -163,25 +160,13 @@ def _old_devpath(dev: Any) -> str | None:
     return None if raw is None else _text(raw)
 
 
-def _matches(dev: Any, needs: DeviceNeeds) -> bool:
-    if needs.subsystems is not None:
-        return dev.subsystem in needs.subsystems
-    if needs.tags:
-        return not needs.tags.isdisjoint(dev.tags)
-    return True
-
-
 def _candidates(context: Any, needs: DeviceNeeds | None) -> Iterable[Any]:
     enum: Iterable[Any] = context.list_devices()
-    if needs is None or (needs.subsystems is None and not needs.tags):
-        return enum
-    if needs.subsystems is not None:
+    if needs is not None and needs.subsystems is not None:
         # libudev ORs subsystem matches: one enumeration covers them all.
         for subsystem in sorted(needs.subsystems):
             enum = enum.match_subsystem(subsystem)  # type: ignore[attr-defined]
-        return enum
-    # ... but ANDs tag matches (the monitor's tag filter ORs them): one enumeration per tag.
-    return [dev for tag in sorted(needs.tags) for dev in context.list_devices(tag=tag)]
+    return enum
 
 
 def enumerate_devices(context: Any, needs: DeviceNeeds | None) -> list[Device]:
@@ -193,8 +178,8 @@ def enumerate_devices(context: Any, needs: DeviceNeeds | None) -> list[Device]:
     attributes = frozenset() if needs is None else needs.attributes
     found: dict[str, Device] = {}
     for dev in _candidates(context, needs):
-        if dev.device_path in found or (needs is not None and not _matches(dev, needs)):
-            continue
+        if dev.device_path in found:
+            continue  # already there as the ancestor of an earlier one
         for ancestor in _ancestors(dev):
             path = ancestor.device_path
             if path not in found:
@@ -219,13 +204,9 @@ class UdevSource:
         self.attributes: frozenset[str] = frozenset() if needs is None else needs.attributes
         self.resyncs = 0
         self.monitor = pyudev.Monitor.from_netlink(context, source="udev")
-        if needs is not None:
-            if needs.subsystems is not None:
-                for subsystem in sorted(needs.subsystems):
-                    self.monitor.filter_by(subsystem)
-            elif needs.tags:
-                for tag in sorted(needs.tags):
-                    self.monitor.filter_by_tag(tag)
+        if needs is not None and needs.subsystems is not None:
+            for subsystem in sorted(needs.subsystems):
+                self.monitor.filter_by(subsystem)
         if receive_buffer is not None:
             # SO_RCVBUFFORCE: needs CAP_NET_ADMIN (the daemon runs as root). Tests shrink it to
             # force an overrun; the daemon may grow it for machines with storms of uevents.

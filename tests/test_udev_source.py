@@ -21,7 +21,6 @@ pytestmark = pytest.mark.root
 @dataclass(frozen=True)
 class Needs:
     subsystems: frozenset[str] | None = None
-    tags: frozenset[str] = frozenset()
     attributes: frozenset[str] = frozenset()
 
 

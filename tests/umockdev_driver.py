@@ -12,7 +12,7 @@ real libudev monitor. One JSON request per line on stdin, one JSON reply per lin
     {"op": "uevent", "syspath": ..., "action": "change", "count": 1}
     {"op": "remove", "syspath": ...}   (a "remove" uevent, then the device leaves /sys)
     {"op": "spawn", "argv": [...], "log": PATH}   -> {"pid": N}  (a child sharing the testbed)
-    {"op": "source", "subsystems": [...] | null, "tags": [], "attributes": []}
+    {"op": "source", "subsystems": [...] | null, "attributes": []}
         -> {"coldplug": [device, ...]}   (a UdevSource in this process)
     {"op": "read", "timeout": 1.0, "min": 1} -> {"changes": [change, ...]}
     {"op": "quit"}
@@ -80,7 +80,6 @@ class Needs:
     def __init__(self, req: dict[str, Any]) -> None:
         subsystems = req.get("subsystems")
         self.subsystems = None if subsystems is None else frozenset(subsystems)
-        self.tags = frozenset(req.get("tags", ()))
         self.attributes = frozenset(req.get("attributes", ()))
 
 
