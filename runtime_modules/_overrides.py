@@ -47,7 +47,7 @@ from pydantic import (
     ValidationError,
 )
 
-from ._errors import PermissionDeniedError, RuntimeModulesError
+from ._errors import PermissionDeniedError, StateError
 from ._registry import MODULE_NAME
 from ._settings import Settings
 
@@ -400,7 +400,7 @@ class OverrideStore:
                 f"{path}: changing overrides needs root; run the command with sudo"
             ) from None
         except OSError as exc:
-            raise RuntimeModulesError(
+            raise StateError(
                 f"{path}: cannot write overrides: {exc.strerror}; the previous file is unchanged "
                 "(free space or make the directory writable, then retry)"
             ) from None
@@ -416,9 +416,7 @@ class OverrideStore:
                 f"{lock}: changing overrides needs root; run the command with sudo"
             ) from None
         except OSError as exc:
-            raise RuntimeModulesError(
-                f"{lock}: cannot lock the overrides: {exc.strerror}"
-            ) from None
+            raise StateError(f"{lock}: cannot lock the overrides: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

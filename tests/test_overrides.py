@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime_modules._durations import format_duration, parse_duration, parse_until
-from runtime_modules._errors import ConfigError, PermissionDeniedError, RuntimeModulesError
+from runtime_modules._errors import ConfigError, PermissionDeniedError, StateError
 from runtime_modules._overrides import (
     MAX_FILE_BYTES,
     OverrideSource,
@@ -223,7 +223,7 @@ def test_full_disk_leaves_the_previous_file(store: OverrideStore, tmp_path: Path
         before = (mnt / "overrides.json").read_bytes()
         (mnt / "filler").write_bytes(b"x" * 12 * 1024)
         big = OverrideSource(uid=0, user="root", command="x" * 4096)
-        with pytest.raises(RuntimeModulesError, match="cannot write overrides: No space"):
+        with pytest.raises(StateError, match="cannot write overrides: No space"):
             small.pin(
                 [f"m{i}" for i in range(40)],
                 OverrideState.ON,
