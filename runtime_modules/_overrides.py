@@ -26,14 +26,14 @@ it is moved aside (``overrides.json.bad-<time>``), and its pins are treated as a
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Literal
@@ -47,7 +47,8 @@ from pydantic import (
     ValidationError,
 )
 
-from ._errors import PermissionDeniedError, StateError
+from ._errors import ConfigError, PermissionDeniedError, StateError
+from ._reconciler import Override, OverridesChanged, OverrideState, Paused
 from ._registry import MODULE_NAME
 from ._settings import Settings
 
@@ -58,6 +59,9 @@ __all__ = [
     "Overrides",
     "StoredOverride",
     "monotonic_deadline",
+    "parse_for",
+    "parse_until",
+    "until_from_flags",
 ]
 
 log = logging.getLogger("runtime_modules.overrides")
@@ -67,13 +71,6 @@ log = logging.getLogger("runtime_modules.overrides")
 MAX_FILE_BYTES = 1024 * 1024
 FILE_VERSION: Literal[1] = 1
 KEEP_BAD_COPIES = 5  # bad files kept aside per layer; older ones are deleted
-
-
-class OverrideState(enum.Enum):
-    """What a pin forces a module to."""
-
-    ON = "on"
-    OFF = "off"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,10 +108,31 @@ class Overrides:
 
     pins: Mapping[str, StoredOverride] = field(default_factory=lambda: _EMPTY)
     paused: bool = False
+    # While paused: the rules' part of the wanted set that the pause keeps (None: whatever the
+    # rules wanted when it began; empty after `reset`). See the reconciler's ``Paused``.
+    paused_modules: frozenset[str] | None = None
 
     def next_expiry(self) -> float | None:
         """The earliest ``until`` among the pins (wall clock), for one timer instead of polling."""
         return min((p.until for p in self.pins.values() if p.until is not None), default=None)
+
+    def reconciler_inputs(
+        self, *, wall_now: float, mono_now: float
+    ) -> tuple[OverridesChanged, Paused]:
+        """The reconciler's inputs for this view, ``until`` moved onto its clock."""
+        overrides = {
+            name: Override(
+                module=name,
+                state=pin.state,
+                until=None
+                if pin.until is None
+                else monotonic_deadline(pin.until, wall_now=wall_now, mono_now=mono_now),
+                source=str(pin.source) + (" (persistent)" if pin.persistent else ""),
+            )
+            for name, pin in self.pins.items()
+        }
+        paused = Paused(paused=self.paused, modules=self.paused_modules if self.paused else None)
+        return OverridesChanged(overrides=overrides), paused
 
 
 def monotonic_deadline(until: float, *, wall_now: float, mono_now: float) -> float:
@@ -154,6 +172,7 @@ class _FileModel(BaseModel):
 
     version: Literal[1]
     paused: bool = False
+    paused_modules: list[_ModuleName] | None = None
     overrides: dict[_ModuleName, _PinModel] = Field(default_factory=dict)
 
 
@@ -161,10 +180,14 @@ def _moment(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def _to_model(pins: Iterable[StoredOverride], paused: bool) -> _FileModel:
+def _to_model(layer: _Layer, now: float) -> _FileModel:
+    pins = [p for p in layer.pins.values() if not p.expired(now)]  # expired ones go now
     return _FileModel(
         version=FILE_VERSION,
-        paused=paused,
+        paused=layer.paused,
+        paused_modules=None
+        if not layer.paused or layer.paused_modules is None
+        else sorted(layer.paused_modules),
         overrides={
             p.module: _PinModel(
                 state=p.state,
@@ -197,6 +220,7 @@ def _from_model(model: _FileModel, *, persistent: bool) -> dict[str, StoredOverr
 class _Layer:
     pins: dict[str, StoredOverride]
     paused: bool = False
+    paused_modules: frozenset[str] | None = None
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -247,7 +271,11 @@ class OverrideStore:
                     f"(remove it with `runtime-modules auto {name}`)"
                 )
                 del merged[name]
-        return Overrides(pins=MappingProxyType(merged), paused=runtime.paused)
+        return Overrides(
+            pins=MappingProxyType(merged),
+            paused=runtime.paused,
+            paused_modules=runtime.paused_modules if runtime.paused else None,
+        )
 
     # -- changing
 
@@ -325,11 +353,28 @@ class OverrideStore:
                 self._write_if_needed(self.persistent_file, _Layer(pins={}), now)
         return self.load(now)
 
-    def set_paused(self, paused: bool, *, now: float) -> Overrides:
+    def set_paused(
+        self, paused: bool, *, now: float, modules: Iterable[str] | None = None
+    ) -> Overrides:
+        """Pause (keeping ``modules`` as the rules' part, see ``Overrides``) or resume."""
         with self._locked():
             runtime = self._read(self.runtime_file, persistent=False)
             runtime.paused = paused
+            runtime.paused_modules = frozenset(modules) if paused and modules is not None else None
             self._write(self.runtime_file, runtime, now)
+        return self.load(now)
+
+    def reset(self, *, now: float) -> Overrides:
+        """Back to the base system: no pin in either layer, and paused keeping nothing.
+
+        This is what the reconciler's ``ResetRequested`` means; ``resume`` hands the modules
+        back to the rules.
+        """
+        with self._locked():
+            self._write_if_needed(self.persistent_file, _Layer(pins={}), now)
+            self._write(
+                self.runtime_file, _Layer(pins={}, paused=True, paused_modules=frozenset()), now
+            )
         return self.load(now)
 
     # -- files
@@ -360,9 +405,13 @@ class OverrideStore:
             self._set_aside(path, problem)
             return _Layer(pins={})
         # The pause switch is runtime-only; a persistent file's flag is ignored.
+        paused = model.paused and not persistent
         return _Layer(
             pins=_from_model(model, persistent=persistent),
-            paused=model.paused and not persistent,
+            paused=paused,
+            paused_modules=None
+            if not paused or model.paused_modules is None
+            else frozenset(model.paused_modules),
         )
 
     def _set_aside(self, path: Path, problem: str) -> None:
@@ -390,8 +439,7 @@ class OverrideStore:
             self._write(path, layer, now)
 
     def _write(self, path: Path, layer: _Layer, now: float) -> None:
-        live = [p for p in layer.pins.values() if not p.expired(now)]  # expired ones go now
-        text = _to_model(live, layer.paused).model_dump_json(indent=2) + "\n"
+        text = _to_model(layer, now).model_dump_json(indent=2) + "\n"
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
             _atomic_write(path, text.encode())
@@ -443,3 +491,74 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# --- --for and --until ---------------------------------------------------------------------
+# Pure: the current time is an argument. Every bad input raises ConfigError saying which format
+# is expected; nothing else escapes (the tests fuzz both).
+
+_TIME_OF_DAY = re.compile(r"\s*([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?\s*", re.ASCII)
+_UNTIL_HELP = (
+    "expected a time of day like 18:00 (today, or tomorrow when it has passed) "
+    "or an ISO date and time like 2026-05-01T18:00 or 2026-05-01T18:00+02:00"
+)
+
+
+def parse_for(text: str) -> float:
+    """Seconds in a ``--for`` value: "2h", "90m", "1h30m" (the rules' duration format).
+
+    Raises:
+        ConfigError: not such a duration, zero, or over the rules' maximum (a week).
+    """
+    from ._rules import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--for {text!r}: {exc}; for longer, use --until or pin without a time limit"
+        ) from None
+    if seconds <= 0:
+        raise ConfigError(f"--for {text!r}: the duration must be more than 0, e.g. 2h")
+    return seconds
+
+
+def parse_until(text: str, now: datetime) -> datetime:
+    """The moment an ``--until`` value names, as an aware datetime after ``now`` (aware).
+
+    "HH:MM" or "HH:MM:SS" is today in the local time zone, or tomorrow when that has passed.
+    An ISO date and time without an offset is local time.
+
+    Raises:
+        ConfigError: not such a time, or the ISO moment is not in the future.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    try:
+        if m := _TIME_OF_DAY.fullmatch(text):
+            local_now = now.astimezone()
+            tod = time(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+            # A naive datetime's astimezone() reads it as local time, DST included.
+            moment = datetime.combine(local_now.date(), tod).astimezone()
+            if moment <= now:
+                moment = datetime.combine(local_now.date() + timedelta(days=1), tod).astimezone()
+            return moment
+        parsed = datetime.fromisoformat(text.strip())
+        moment = parsed.astimezone() if parsed.tzinfo is None else parsed
+        moment.timestamp()  # dates at the ends of the calendar fail here, not later
+    except (ValueError, OverflowError, OSError):
+        raise ConfigError(f"--until {text!r}: {_UNTIL_HELP}") from None
+    if moment <= now:
+        raise ConfigError(f"--until {text!r}: that moment has passed; give a time in the future")
+    return moment
+
+
+def until_from_flags(for_: str | None, until: str | None, *, now: float) -> float | None:
+    """The wall-clock end of a pin from ``--for`` or ``--until`` (at most one), or None."""
+    if for_ is not None and until is not None:
+        raise ConfigError("give --for or --until, not both")
+    if for_ is not None:
+        return now + parse_for(for_)
+    if until is not None:
+        return parse_until(until, datetime.fromtimestamp(now, UTC)).timestamp()
+    return None
