@@ -1,0 +1,224 @@
+"""The apply lock: one apply at a time on this machine, across the CLI and the daemon.
+
+An ``fcntl.flock`` on ``<state dir>/apply.lock``. The holder writes who it is into the file, so a
+caller that must not wait can name it. The kernel drops the lock when the last descriptor closes:
+the applier hands its descriptor to ``nixos-rebuild`` too, so a rebuild orphaned by a killed
+applier keeps the machine locked until it ends (or until recovery kills it), and no second rebuild
+can start beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ._errors import LockBusyError, PermissionDeniedError, StateError
+
+# How often a waiting caller retries: short enough that a queued `enable` starts at once in human
+# terms, long enough to cost nothing. Polling (not a blocking flock) lets a cancel stop the wait.
+POLL_INTERVAL = 0.05
+_MAX_HOLDER_BYTES = 4096  # we write ~150 bytes; more is not ours
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    pid: int
+    command: str
+    apply_id: str
+    since: float  # wall time
+
+    def describe(self) -> str:
+        when = datetime.fromtimestamp(self.since, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        return f"pid {self.pid} ({self.command}), apply {self.apply_id}, since {when}"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None when it does not exist.
+
+    Pids are reused; a pid together with its start time names one process (proc(5), field 22).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces or ")".
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, start_time: int | None) -> bool:
+    """True when the process ``pid`` that started at ``start_time`` still runs (not a zombie)."""
+    now = process_start_time(pid)
+    if now is None or (start_time is not None and now != start_time):
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def group_alive(pgid: int) -> bool:
+    """True when any process is left in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_holder(path: Path) -> LockHolder | None:
+    """Who wrote into the lock file last (meaningful only while the lock is held)."""
+    try:
+        with path.open("rb") as f:
+            data = json.loads(f.read(_MAX_HOLDER_BYTES))
+        return LockHolder(
+            pid=int(data["pid"]),
+            command=str(data["command"]),
+            apply_id=str(data["apply_id"]),
+            since=float(data["since"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class ApplyLock:
+    """The exclusive apply lock. Use ``acquire`` and ``release`` (or ``with``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        """The locked descriptor, to hand to child processes that must keep the lock."""
+        if self._fd is None:
+            raise RuntimeError("the apply lock is not held")
+        return self._fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _open(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:
+            raise PermissionDeniedError(
+                f"{self.path}: changing modules needs root (the apply lock is root's); "
+                "run the command with sudo"
+            ) from None
+        except OSError as exc:
+            hint = (
+                "the state directory is on a read-only file system; make it writable"
+                if exc.errno == errno.EROFS
+                else "check the state directory"
+            )
+            raise StateError(
+                f"{self.path}: cannot open the apply lock: {exc.strerror}; {hint}"
+            ) from None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; never waits."""
+        if self._fd is not None:
+            raise RuntimeError("the apply lock is already held by this object")
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def acquire(
+        self,
+        *,
+        apply_id: str,
+        command: str,
+        wait: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> bool:
+        """Take the lock and write the holder; False only when ``cancel`` was set while waiting.
+
+        Raises LockBusyError naming the holder when the lock is taken and ``wait`` is False.
+        """
+        while not self.try_acquire():
+            if not wait:
+                holder = read_holder(self.path)
+                who = holder.describe() if holder else "another process (holder unknown)"
+                raise LockBusyError(
+                    f"another apply is running: {who}; wait for it (drop --no-wait) "
+                    "or see `runtime-modules status`"
+                )
+            if cancel is not None:
+                if cancel.wait(POLL_INTERVAL):
+                    return False
+            else:
+                time.sleep(POLL_INTERVAL)
+        self._write_holder(apply_id, command)
+        return True
+
+    def _write_holder(self, apply_id: str, command: str) -> None:
+        record = {
+            "pid": os.getpid(),
+            "command": command,
+            "apply_id": apply_id,
+            "since": time.time(),
+        }
+        data = json.dumps(record).encode() + b"\n"
+        # Best effort: a full disk must not stop an apply that can otherwise run.
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # the flock goes with the last descriptor
+
+    def __enter__(self) -> ApplyLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_holder(path: Path) -> LockHolder | None:
+    """Who holds the apply lock right now, or None when it is free (never takes it for long).
+
+    Opens the file read-only, so that users who may not apply can still see who does.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return read_holder(path) or LockHolder(pid=0, command="?", apply_id="?", since=0.0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
