@@ -1,0 +1,1088 @@
+"""The applier: switch the system to a set of modules with ``nixos-rebuild test``, never half-way.
+
+One apply, under the apply lock (``_lock``):
+
+1. read the state; an ``in_progress`` record left by a dead applier is rolled back first;
+2. resolve and validate the target; no change and no ``force`` -> UNCHANGED, nothing runs;
+3. pre-apply hooks (a failing one vetoes: VETOED, nothing runs);
+4. record the running system (``/run/current-system``) and write ``in_progress`` to the state;
+5. write the generated flake (``_flake``) and run ``nixos-rebuild test --flake path:<dir>#<host>``
+   in its own process group, streaming each line to the caller, a capped log file and the journal;
+6. success: the state says the target is applied. Failure, timeout, cancel: the whole process group
+   is killed and the recorded system is switched back to (``<previous>/bin/switch-to-configuration
+   test``); the state says the previous set is applied and the modules that were to change failed;
+7. post-apply hooks, which cannot veto.
+
+``apply`` does not raise for a failed apply: the outcome says what happened, in one line, and
+where the full log is. It raises for what stops an apply before anything runs (unknown module,
+lock busy under ``wait=False``, a state directory that cannot be written).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any, TypedDict
+
+from ._errors import ConfigError, StateError
+from ._flake import flake_ref, write_flake
+from ._hooks import HookPhase, HookResult, run_hooks
+from ._journal import Journal, JournalEvent, Priority
+from ._lock import ApplyLock, group_alive, process_alive, process_start_time, read_holder
+from ._registry import Registry
+from ._settings import Settings
+from ._state import (
+    ApplyRecord,
+    ApplyResult,
+    InProgress,
+    ModuleState,
+    ModuleStatus,
+    State,
+    load_state,
+    save_state,
+)
+
+__all__ = ["Applier", "ApplyOutcome", "ApplyResult", "Target", "drift"]
+
+# A target is a set of module names, or a function from the applied set to one: `enable X` must
+# add X to what is applied when its turn comes, not to what was applied when it started waiting.
+Target = frozenset[str] | Callable[[frozenset[str]], frozenset[str]]
+
+# The log of one apply keeps its first MiB live (what was built) and its last 4 MiB (where it
+# failed); the state dir is a tmpfs in RAM (/run), so a chatty build must not fill it.
+LOG_HEAD_BYTES = 1024 * 1024
+LOG_TAIL_BYTES = 4 * 1024 * 1024
+KEEP_LOGS = 20  # newest apply logs kept in <state dir>/logs
+# journald's default rate limit lets a service log 10,000 entries per 30 s (journald.conf(5),
+# RateLimitBurst); beyond that an apply's output would be dropped anyway, so we stop there and say
+# where the full log is.
+JOURNAL_OUTPUT_LINES = 10_000
+MAX_LINE_BYTES = 64 * 1024  # a longer "line" is cut into pieces
+TERM_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for nixos-rebuild's process group
+EXIT_DRAIN = 1.0  # after the command exits, how long leftovers may keep its output pipe open
+LAST_LINES = 20  # output lines kept to explain a failure
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApplyOutcome:
+    apply_id: str
+    result: ApplyResult
+    before: frozenset[str]
+    after: frozenset[str]  # what is applied now
+    system_before: str | None
+    system_after: str | None
+    started: float  # wall time
+    duration: float  # seconds
+    message: str  # one line for the user
+    log_path: Path | None
+    target: frozenset[str] = frozenset()
+    hooks: tuple[HookResult, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+
+@dataclass(slots=True)
+class _Run:
+    """How one child command ended."""
+
+    returncode: int | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    error: str | None = None  # it could not be started
+    last_lines: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=LAST_LINES)
+    )
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not (self.timed_out or self.cancelled)
+
+    def describe(self, name: str, timeout: float) -> str:
+        if self.error is not None:
+            what = f"{name} could not be started: {self.error}"
+        elif self.timed_out:
+            what = f"{name} timed out after {_seconds(timeout)} and was killed"
+        elif self.cancelled:
+            what = f"{name} was stopped on request"
+        elif self.returncode is not None and self.returncode < 0:
+            what = f"{name} was killed by signal {signal.Signals(-self.returncode).name}"
+        else:
+            what = f"{name} exited with status {self.returncode}"
+        last = next((ln.strip() for ln in reversed(self.last_lines) if ln.strip()), "")
+        return what + (f' (last output: "{last[:200]}")' if last else "")
+
+
+def _seconds(value: float) -> str:
+    if value >= 120:
+        return f"{value / 60:.0f} min"
+    return f"{value:g} s"
+
+
+class _OutputLog:
+    """The per-apply log file: the first LOG_HEAD_BYTES as they come, then only the last
+    LOG_TAIL_BYTES, written when the apply ends. Write errors (a full disk) end logging, not the
+    apply."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.error: str | None = None
+        self._file: IO[bytes] | None = None
+        self._written = 0
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._tail_bytes = 0
+        self._omitted_bytes = 0
+        self._omitted_lines = 0
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+                self._file = path.open("ab")
+            except OSError as exc:
+                self.error = exc.strerror or str(exc)
+
+    def write(self, line: str) -> None:
+        if self._file is None:
+            return
+        data = line.encode("utf-8", "replace") + b"\n"
+        if self._written + len(data) <= LOG_HEAD_BYTES and not self._tail:
+            self._put(data)
+            return
+        self._tail.append(data)
+        self._tail_bytes += len(data)
+        while self._tail_bytes > LOG_TAIL_BYTES:
+            dropped = self._tail.popleft()
+            self._tail_bytes -= len(dropped)
+            self._omitted_bytes += len(dropped)
+            self._omitted_lines += 1
+
+    def _put(self, data: bytes) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(data)
+            self._file.flush()
+            self._written += len(data)
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def flush_tail(self) -> None:
+        """Write what the tail holds (at the end of each command's output)."""
+        if self._omitted_lines:
+            self._put(
+                f"[… {self._omitted_lines} lines ({self._omitted_bytes} bytes) omitted: "
+                f"the log keeps the first {LOG_HEAD_BYTES // 2**20} MiB and the last "
+                f"{LOG_TAIL_BYTES // 2**20} MiB …]\n".encode()
+            )
+        while self._tail:
+            self._put(self._tail.popleft())
+        self._tail_bytes = self._omitted_bytes = self._omitted_lines = 0
+
+    def close(self) -> None:
+        self.flush_tail()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def where(self) -> str:
+        if self.path is None:
+            return "no log file"
+        if self.error is not None:
+            return f"log {self.path} (incomplete: {self.error})"
+        return f"full log: {self.path}"
+
+
+def new_apply_id() -> str:
+    """Sortable by time, unique enough: 32 random bits per second."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def current_system(settings: Settings) -> str | None:
+    """Where the current-system link points now, or None when there is none."""
+    link = settings.current_system
+    if not link.exists():
+        return None
+    return os.path.realpath(link)
+
+
+def drift(settings: Settings, state: State) -> str | None:
+    """Why the running system is not the one our last apply left, or None when it is.
+
+    Someone ran `nixos-rebuild switch` or `test` by hand: what is applied is then unknown.
+    """
+    last = state.last_apply
+    if last is None or last.system_after is None or state.in_progress is not None:
+        return None
+    now = current_system(settings)
+    if now is None or now == last.system_after:
+        return None
+    return (
+        f"the running system {now} is not the one the last apply left ({last.system_after}); "
+        "it was switched outside runtime-modules, so the next apply rebuilds"
+    )
+
+
+def _phrase(before: frozenset[str], goal: frozenset[str], *, past: bool) -> str:
+    added, removed = sorted(goal - before), sorted(before - goal)
+    on, off = ("enabled", "disabled") if past else ("enable", "disable")
+    parts = []
+    if added:
+        parts.append(f"{on} {', '.join(added)}")
+    if removed:
+        parts.append(f"{off} {', '.join(removed)}")
+    if parts:
+        return " and ".join(parts)
+    what = f"with {', '.join(sorted(goal))}" if goal else "the base system"
+    return f"{'rebuilt' if past else 'rebuild'} {what}"
+
+
+def _names(names: Iterable[str]) -> str:
+    return " ".join(sorted(names))
+
+
+class Applier:
+    """Applies module sets; safe to share between threads (each apply takes the lock)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        journal: Journal | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.journal = journal if journal is not None else Journal.for_level(settings.log_level)
+        self.dry_run = dry_run
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def apply(
+        self,
+        target: Target,
+        *,
+        reason: str,
+        force: bool = False,
+        wait: bool = True,
+        on_output: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ApplyOutcome:
+        """Switch to ``target``; see the module docstring. Never half-switches the system."""
+        if not callable(target):
+            target = frozenset(target)
+            self.registry.check_known(sorted(target))
+        apply_id = new_apply_id()
+        started, t0 = time.time(), time.monotonic()
+        self._free_orphaned_lock()
+        lock = ApplyLock(self.settings.lock_file)
+        if not lock.acquire(apply_id=apply_id, command=_command(), wait=wait, cancel=cancel):
+            state = load_state(self.settings, journal=self.journal)
+            return ApplyOutcome(
+                apply_id=apply_id,
+                result=ApplyResult.CANCELLED,
+                before=state.applied,
+                after=state.applied,
+                system_before=None,
+                system_after=None,
+                started=started,
+                duration=time.monotonic() - t0,
+                message="cancelled while waiting for another apply to finish; nothing changed",
+                log_path=None,
+            )
+        try:
+            ctx = _Context(apply_id, started, t0, reason, force, on_output, cancel, lock)
+            return self._apply_locked(ctx, target)
+        finally:
+            lock.release()
+
+    def recover(self) -> ApplyOutcome | None:
+        """Roll back an apply that a killed process left in progress; None when there was none."""
+        state = load_state(self.settings, journal=self.journal)
+        if state.in_progress is None:
+            return None
+        self._free_orphaned_lock()
+        lock = ApplyLock(self.settings.lock_file)
+        lock.acquire(apply_id=state.in_progress.apply_id, command=_command(), wait=True)
+        try:
+            state = load_state(self.settings, journal=self.journal)
+            if state.in_progress is None:  # another process recovered it while we waited
+                return None
+            return self._recover_locked(state, lock)
+        finally:
+            lock.release()
+
+    # -- the apply ------------------------------------------------------------------------------
+
+    def _apply_locked(self, ctx: _Context, target: Target) -> ApplyOutcome:
+        state = load_state(self.settings, journal=self.journal)
+        if state.in_progress is not None:
+            self._recover_locked(state, ctx.lock)
+            state = load_state(self.settings, journal=self.journal)
+        # Modules the registry no longer has cannot stay applied: the base system dropped them.
+        before = state.applied
+        goal = frozenset(target(before & self.registry.names)) if callable(target) else target
+        self.registry.check_known(sorted(goal))
+        stale = state.uncertain or drift(self.settings, state)
+        if goal == before and not ctx.force and stale is None:
+            return self._unchanged(ctx, state)
+
+        log_path = None if self.dry_run else self.settings.log_dir / f"{ctx.apply_id}.log"
+        self.journal.send(
+            JournalEvent.APPLY_STARTED,
+            f"{'dry run: would ' if self.dry_run else 'applying: '}"
+            f"{_phrase(before, goal, past=False)} ({ctx.reason})",
+            **self._fields(ctx, before, goal),
+            dry_run=self.dry_run,
+            log_path=log_path,
+        )
+        if self.dry_run:
+            return self._dry_run(ctx, state, goal)
+
+        hooks = run_hooks(
+            HookPhase.PRE_APPLY,
+            self.settings.hooks_dir,
+            self._payload(
+                ctx, HookPhase.PRE_APPLY, before=before, after=goal, goal=goal, result=None
+            ),
+            self._hook_env(ctx, before, goal, None),
+            self.settings.hook_timeout,
+            self.journal,
+        )
+        system_before = current_system(self.settings)
+        if hooks and not hooks[-1].ok:
+            veto = hooks[-1]
+            message = (
+                f"{_phrase(before, goal, past=False)} was vetoed: {veto.describe()} "
+                f"({veto.path}); nothing changed"
+            )
+            end = _End(ApplyResult.VETOED, before, system_before, system_before, message)
+            return self._finish(
+                ctx, state, goal, end, hooks, event=JournalEvent.APPLY_VETOED, hook=veto.name
+            )
+        if ctx.cancel is not None and ctx.cancel.is_set():
+            message = "cancelled before the rebuild started; nothing changed"
+            end = _End(ApplyResult.CANCELLED, before, system_before, system_before, message)
+            return self._finish(ctx, state, goal, end, hooks, event=JournalEvent.APPLY_FAILED)
+        if system_before is None:
+            raise ConfigError(
+                f"{self.settings.current_system} does not exist, so there would be no system to "
+                "roll back to; is this NixOS? (set RUNTIME_MODULES_CURRENT_SYSTEM for another link)"
+            )
+        progress = InProgress(
+            apply_id=ctx.apply_id,
+            pid=os.getpid(),
+            pid_start=process_start_time(os.getpid()),
+            started=ctx.started,
+            reason=ctx.reason,
+            before=before,
+            target=goal,
+            system_before=system_before,
+            log_path=str(log_path) if log_path is not None else None,
+        )
+        save_state(self.settings, state.with_(in_progress=progress))  # StateError: nothing ran
+
+        log = _OutputLog(log_path)
+        self._prune_logs(keep=log_path)
+        try:
+            write_flake(
+                self.settings.flake_dir,
+                base_url=self.registry.flake,
+                host=self.registry.host,
+                modules=goal,
+            )
+        except OSError as exc:
+            message = (
+                f"could not {_phrase(before, goal, past=False)}: cannot write the generated flake "
+                f"in {self.settings.flake_dir}: {exc.strerror}; nothing was rebuilt"
+            )
+            end = _End(ApplyResult.FAILED, before, system_before, system_before, message, log)
+            return self._finish(ctx, state, goal, end, hooks, event=JournalEvent.APPLY_FAILED)
+
+        argv = [
+            *self.settings.nixos_rebuild,
+            "test",
+            "--flake",
+            flake_ref(self.settings.flake_dir, self.registry.host),
+        ]
+        log.write(f"# apply {ctx.apply_id} ({ctx.reason}): {' '.join(argv)}")
+
+        def spawned(pgid: int) -> None:
+            # Recovery must be able to find (and kill) a rebuild whose applier died.
+            running = replace(progress, rebuild_pgid=pgid, rebuild_start=process_start_time(pgid))
+            with contextlib.suppress(StateError, OSError):
+                save_state(self.settings, state.with_(in_progress=running))
+
+        run = self._run(argv, self.settings.apply_timeout, ctx, log, on_spawn=spawned)
+        if run.ok:
+            message = (
+                f"{_phrase(before, goal, past=True)} (apply {ctx.apply_id}, "
+                f"{time.monotonic() - ctx.t0:.1f} s)"
+            )
+            system_after = current_system(self.settings)
+            end = _End(ApplyResult.SUCCEEDED, goal, system_before, system_after, message, log)
+            return self._finish(
+                ctx, state, goal, end, hooks, event=JournalEvent.APPLY_SUCCEEDED, post_hooks=True
+            )
+        return self._fail_and_roll_back(
+            ctx, state, goal, run, system_before=system_before, log=log, hooks=hooks
+        )
+
+    def _fail_and_roll_back(
+        self,
+        ctx: _Context,
+        state: State,
+        goal: frozenset[str],
+        run: _Run,
+        *,
+        system_before: str,
+        log: _OutputLog,
+        hooks: list[HookResult],
+    ) -> ApplyOutcome:
+        before = state.applied
+        if run.timed_out:
+            result = ApplyResult.TIMED_OUT
+        elif run.cancelled:
+            result = ApplyResult.CANCELLED
+        else:
+            result = ApplyResult.FAILED
+        what = run.describe("nixos-rebuild", self.settings.apply_timeout)
+        failed = f"could not {_phrase(before, goal, past=False)}: {what}"
+        self.journal.send(
+            JournalEvent.APPLY_FAILED,
+            failed,
+            **self._fields(ctx, before, goal),
+            result=result,
+            system_before=system_before,
+            duration_ms=round((time.monotonic() - ctx.t0) * 1000),
+            log_path=log.path,
+        )
+        rolled_back, problem = self._roll_back(system_before, ctx, log)
+        if rolled_back:
+            message = f"{failed}; rolled back to {system_before}; {log.where()}"
+            end = _End(result, before, system_before, current_system(self.settings), message, log)
+            return self._finish(
+                ctx, state, goal, end, hooks,
+                event=JournalEvent.APPLY_ROLLED_BACK, post_hooks=True, mark_failed=True,
+            )  # fmt: skip
+        message = (
+            f"{failed}; and rolling back to {system_before} failed too ({problem}): the "
+            f"system may be half-switched, run `runtime-modules rebuild`; {log.where()}"
+        )
+        end = _End(
+            ApplyResult.ROLLBACK_FAILED,
+            before,
+            system_before,
+            current_system(self.settings),
+            message,
+            log,
+        )
+        return self._finish(
+            ctx, state, goal, end, hooks,
+            event=JournalEvent.ROLLBACK_FAILED, post_hooks=True, mark_failed=True,
+            uncertain=f"rolling back a failed apply failed: {problem}",
+        )  # fmt: skip
+
+    def _finish(
+        self,
+        ctx: _Context,
+        state: State,
+        goal: frozenset[str],
+        end: _End,
+        hooks: list[HookResult],
+        *,
+        event: JournalEvent,
+        post_hooks: bool = False,
+        mark_failed: bool = False,
+        uncertain: str | None = None,
+        hook: str | None = None,
+    ) -> ApplyOutcome:
+        """Record the end of an apply in the state, say it, run post hooks, make the outcome."""
+        result, after, message, log = end.result, end.after, end.message, end.log
+        system_before, system_after = end.system_before, end.system_after
+        if log is not None:
+            log.close()
+        before = state.applied
+        now = time.time()
+        record = ApplyRecord(
+            apply_id=ctx.apply_id,
+            started=ctx.started,
+            duration=time.monotonic() - ctx.t0,
+            result=result,
+            reason=ctx.reason,
+            before=before,
+            after=after,
+            target=goal,
+            system_before=system_before,
+            system_after=system_after,
+            log_path=str(log.path) if log is not None and log.path is not None else None,
+            message=message,
+        )
+        new_state = State(
+            applied=after,
+            modules=self._module_states(
+                state,
+                goal,
+                after,
+                result,
+                message=message,
+                now=now,
+                force=ctx.force,
+                mark_failed=mark_failed,
+            ),
+            last_apply=record,
+            uncertain=uncertain or (None if result.ok else state.uncertain),
+        )
+        try:
+            save_state(self.settings, new_state)
+        except StateError as exc:
+            result, after, message = self._state_not_saved(ctx, result, system_before, exc, message)
+            if result is ApplyResult.FAILED and event is JournalEvent.APPLY_SUCCEEDED:
+                event = JournalEvent.APPLY_FAILED
+            elif result is ApplyResult.ROLLBACK_FAILED:
+                event = JournalEvent.ROLLBACK_FAILED
+            system_after = current_system(self.settings)
+        duration = time.monotonic() - ctx.t0
+        self.journal.send(
+            event,
+            message,
+            **self._fields(ctx, before, after),
+            result=result,
+            system_before=system_before,
+            system_after=system_after,
+            duration_ms=round(duration * 1000),
+            log_path=log.path if log is not None else None,
+            hook=hook,
+        )
+        if post_hooks:
+            payload = self._payload(
+                ctx, HookPhase.POST_APPLY, before=before, after=after, goal=goal, result=result
+            )
+            payload["system_before"], payload["system_after"] = system_before, system_after
+            hooks = hooks + run_hooks(
+                HookPhase.POST_APPLY,
+                self.settings.hooks_dir,
+                payload,
+                self._hook_env(ctx, before, after, result),
+                self.settings.hook_timeout,
+                self.journal,
+            )
+        return ApplyOutcome(
+            apply_id=ctx.apply_id,
+            result=result,
+            before=before,
+            after=after,
+            system_before=system_before,
+            system_after=system_after,
+            started=ctx.started,
+            duration=duration,
+            message=message,
+            log_path=log.path if log is not None else None,
+            target=goal,
+            hooks=tuple(hooks),
+        )
+
+    def _state_not_saved(
+        self,
+        ctx: _Context,
+        result: ApplyResult,
+        system_before: str | None,
+        exc: StateError,
+        message: str,
+    ) -> tuple[ApplyResult, frozenset[str], str]:
+        """The final state could not be written: make the system match the file that stays.
+
+        That file still says the previous set is applied (with this apply in progress), so a
+        successful rebuild is rolled back rather than leave a system that no record describes.
+        """
+        self.journal.send(
+            JournalEvent.STATE_WRITE_FAILED, str(exc), apply_id=ctx.apply_id, result=result
+        )
+        state = load_state(self.settings, journal=self.journal)
+        before = state.applied
+        if result is not ApplyResult.SUCCEEDED or system_before is None:
+            return result, before, f"{message}; and the state could not be recorded: {exc}"
+        log = _OutputLog(self.settings.log_dir / f"{ctx.apply_id}.log")
+        rolled_back, problem = self._roll_back(system_before, ctx, log)
+        log.close()
+        if rolled_back:
+            return (
+                ApplyResult.FAILED,
+                before,
+                f"the rebuild succeeded but the state could not be recorded ({exc}); "
+                f"rolled back to {system_before}",
+            )
+        return (
+            ApplyResult.ROLLBACK_FAILED,
+            before,
+            f"the rebuild succeeded but the state could not be recorded ({exc}); rolling back "
+            f"to {system_before} failed too ({problem}): run `runtime-modules rebuild`",
+        )
+
+    def _module_states(
+        self,
+        state: State,
+        goal: frozenset[str],
+        after: frozenset[str],
+        result: ApplyResult,
+        *,
+        message: str,
+        now: float,
+        force: bool,
+        mark_failed: bool,
+    ) -> Mapping[str, ModuleState]:
+        changed = state.applied ^ goal
+        modules: dict[str, ModuleState] = {}
+        for name in sorted(self.registry.names):
+            old = state.module_status(name)
+            status = ModuleStatus.ENABLED if name in after else ModuleStatus.DISABLED
+            if mark_failed and name in changed:
+                modules[name] = ModuleState(status=ModuleStatus.FAILED, message=message, since=now)
+            elif old.status is ModuleStatus.FAILED and not (
+                result.ok and (name in changed or force)
+            ):
+                # A failure stays visible until that module is changed or all is rebuilt.
+                modules[name] = old
+            elif old.status is status and old.message is None:
+                modules[name] = old
+            else:
+                modules[name] = ModuleState(status=status, since=now)
+        return MappingProxyType(modules)
+
+    def _unchanged(self, ctx: _Context, state: State) -> ApplyOutcome:
+        applied = state.applied
+        what = ", ".join(sorted(applied)) if applied else "the base system (no modules)"
+        message = f"nothing to do: {what} already applied"
+        self.journal.send(
+            JournalEvent.APPLY_UNCHANGED,
+            message,
+            **self._fields(ctx, applied, applied),
+            result=ApplyResult.UNCHANGED,
+        )
+        system = current_system(self.settings)
+        return ApplyOutcome(
+            apply_id=ctx.apply_id,
+            result=ApplyResult.UNCHANGED,
+            before=applied,
+            after=applied,
+            system_before=system,
+            system_after=system,
+            started=ctx.started,
+            duration=time.monotonic() - ctx.t0,
+            message=message,
+            log_path=None,
+            target=applied,
+        )
+
+    def _dry_run(self, ctx: _Context, state: State, goal: frozenset[str]) -> ApplyOutcome:
+        """Everything but nixos-rebuild and hooks (they act on the real system)."""
+        write_flake(
+            self.settings.flake_dir,
+            base_url=self.registry.flake,
+            host=self.registry.host,
+            modules=goal,
+        )
+        system = current_system(self.settings)
+        message = (
+            f"dry run: would {_phrase(state.applied, goal, past=False)} "
+            f"(flake written to {self.settings.flake_dir}; nixos-rebuild not run)"
+        )
+        end = _End(ApplyResult.DRY_RUN, goal, system, system, message)
+        return self._finish(ctx, state, goal, end, [], event=JournalEvent.APPLY_SUCCEEDED)
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def _free_orphaned_lock(self) -> None:
+        """Kill a rebuild left running by an applier that died: it holds the lock forever."""
+        try:
+            state = load_state(self.settings, journal=self.journal)
+        except (StateError, OSError):
+            return
+        ip = state.in_progress
+        if ip is None or ip.rebuild_pgid is None or process_alive(ip.pid, ip.pid_start):
+            return
+        holder = read_holder(self.settings.lock_file)
+        if holder is not None and holder.pid != ip.pid and process_alive(holder.pid, None):
+            return  # a live process holds the lock: it is not the orphan's
+        pgid = ip.rebuild_pgid
+        leader = process_start_time(pgid)
+        # While a process group exists its id is never reused as a pid; a live process with that
+        # pid and another start time is a stranger.
+        ours = leader == ip.rebuild_start if leader is not None else group_alive(pgid)
+        if not ours:
+            return
+        self.journal.send(
+            JournalEvent.STATE_RECOVERED,
+            f"apply {ip.apply_id} lost its applier (pid {ip.pid}); stopping its orphaned "
+            f"nixos-rebuild (process group {pgid}) before rolling back",
+            apply_id=ip.apply_id,
+        )
+        _kill_group(pgid, wait=TERM_GRACE)
+
+    def _recover_locked(self, state: State, lock: ApplyLock) -> ApplyOutcome:
+        ip = state.in_progress
+        assert ip is not None
+        started, t0 = time.time(), time.monotonic()
+        ctx = _Context(ip.apply_id, ip.started, t0, "recovery", False, None, None, lock)
+        log = _OutputLog(Path(ip.log_path) if ip.log_path else None)
+        log.write(f"# recovery at {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}: the applier died")
+        interrupted = (
+            f"apply {ip.apply_id} ({_phrase(ip.before, ip.target, past=False)}, {ip.reason}) "
+            f"was interrupted: its process {ip.pid} died"
+        )
+        self.journal.send(
+            JournalEvent.STATE_RECOVERED,
+            f"{interrupted}; rolling back to {ip.system_before}",
+            **self._fields(ctx, ip.before, ip.target),
+        )
+        uncertain = None
+        if ip.system_before is None:
+            rolled_back, problem = False, "no previous system was recorded"
+        else:
+            rolled_back, problem = self._roll_back(ip.system_before, ctx, log)
+        system_after = current_system(self.settings)
+        if rolled_back:
+            result = ApplyResult.FAILED
+            message = f"{interrupted}; rolled back to {ip.system_before}; {log.where()}"
+            event = JournalEvent.APPLY_ROLLED_BACK
+        else:
+            result = ApplyResult.ROLLBACK_FAILED
+            message = (
+                f"{interrupted}; rolling back failed ({problem}): the system may be "
+                f"half-switched, run `runtime-modules rebuild`; {log.where()}"
+            )
+            event = JournalEvent.ROLLBACK_FAILED
+            uncertain = f"an interrupted apply could not be rolled back: {problem}"
+        self.journal.send(
+            event,
+            message,
+            **self._fields(ctx, ip.before, ip.before),
+            result=result,
+            system_before=ip.system_before,
+            system_after=system_after,
+        )
+        log.close()
+        duration = time.monotonic() - t0
+        changed = ip.before ^ ip.target
+        modules = dict(state.modules)
+        for name in changed:
+            modules[name] = ModuleState(status=ModuleStatus.FAILED, message=message, since=started)
+        new_state = State(
+            applied=ip.before,
+            modules=MappingProxyType(modules),
+            last_apply=ApplyRecord(
+                apply_id=ip.apply_id,
+                started=ip.started,
+                duration=time.time() - ip.started,
+                result=result,
+                reason=ip.reason,
+                before=ip.before,
+                after=ip.before,
+                target=ip.target,
+                system_before=ip.system_before,
+                system_after=system_after,
+                log_path=ip.log_path,
+                message=message,
+            ),
+            uncertain=uncertain or state.uncertain,
+        )
+        save_state(self.settings, new_state)
+        return ApplyOutcome(
+            apply_id=ip.apply_id,
+            result=result,
+            before=ip.before,
+            after=ip.before,
+            system_before=ip.system_before,
+            system_after=system_after,
+            started=started,
+            duration=duration,
+            message=message,
+            log_path=log.path,
+            target=ip.target,
+        )
+
+    def _roll_back(self, system_before: str, ctx: _Context, log: _OutputLog) -> tuple[bool, str]:
+        """Switch back to ``system_before``; (done, why not). Not cancellable: it must finish."""
+        switch = Path(system_before) / "bin" / "switch-to-configuration"
+        log.flush_tail()
+        log.write(f"# rolling back: {switch} test")
+        rollback_ctx = _Context(
+            ctx.apply_id, ctx.started, ctx.t0, ctx.reason, ctx.force, ctx.on_output, None, ctx.lock
+        )
+        run = self._run([str(switch), "test"], self.settings.apply_timeout, rollback_ctx, log)
+        now = current_system(self.settings)
+        if not run.ok:
+            return False, run.describe("switch-to-configuration", self.settings.apply_timeout)
+        if now != system_before:
+            return False, f"switch-to-configuration succeeded but the running system is {now}"
+        return True, ""
+
+    # -- running a command ----------------------------------------------------------------------
+
+    def _run(
+        self,
+        argv: list[str],
+        timeout: float,
+        ctx: _Context,
+        log: _OutputLog,
+        *,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> _Run:
+        """Run ``argv`` in its own process group, streaming its output; kill its group after."""
+        run = _Run()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # The lock goes with the rebuild: an orphaned rebuild keeps other applies out.
+                pass_fds=(ctx.lock.fd,) if ctx.lock.held else (),
+            )
+        except OSError as exc:
+            run.error = f"{argv[0]}: {exc.strerror or exc}"
+            log.write(f"# {run.error}")
+            return run
+        if on_spawn is not None:
+            on_spawn(proc.pid)
+        emitter = _Emitter(self.journal, ctx, log, run)
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        deadline = time.monotonic() + timeout
+        exited_at: float | None = None
+        buf = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                now = time.monotonic()
+                if ctx.cancel is not None and ctx.cancel.is_set():
+                    run.cancelled = True
+                    break
+                if now >= deadline:
+                    run.timed_out = True
+                    break
+                if exited_at is not None and now - exited_at > EXIT_DRAIN:
+                    break  # leftovers of the group hold the pipe; they are killed below
+                if sel.select(min(0.2, deadline - now)):
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        chunk = None
+                    if chunk == b"":
+                        break
+                    if chunk:
+                        buf = emitter.feed(buf + chunk)
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = time.monotonic()
+        if buf:
+            emitter.line(buf)
+        if run.timed_out or run.cancelled:
+            _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+        else:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                run.timed_out = True
+                _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+        _kill_group(proc.pid, wait=0)  # whatever of its group is still left
+        run.returncode = proc.wait()
+        proc.stdout.close()
+        emitter.done()
+        return run
+
+    # -- small parts ----------------------------------------------------------------------------
+
+    def _fields(self, ctx: _Context, before: frozenset[str], after: frozenset[str]) -> _ApplyFields:
+        return {
+            "apply_id": ctx.apply_id,
+            "before": _names(before),
+            "after": _names(after),
+            "reason": ctx.reason,
+        }
+
+    def _payload(
+        self,
+        ctx: _Context,
+        phase: HookPhase,
+        *,
+        before: frozenset[str],
+        after: frozenset[str],
+        goal: frozenset[str],
+        result: ApplyResult | None,
+    ) -> dict[str, Any]:
+        return {
+            "phase": phase.value,
+            "apply_id": ctx.apply_id,
+            "host": self.registry.host,
+            "reason": ctx.reason,
+            "before": sorted(before),
+            "after": sorted(after),
+            "target": sorted(goal),
+            "result": result.value if result is not None else None,
+            "force": ctx.force,
+        }
+
+    def _hook_env(
+        self,
+        ctx: _Context,
+        before: frozenset[str],
+        after: frozenset[str],
+        result: ApplyResult | None,
+    ) -> dict[str, str]:
+        env = {
+            "RUNTIME_MODULES_APPLY_ID": ctx.apply_id,
+            "RUNTIME_MODULES_BEFORE": _names(before),
+            "RUNTIME_MODULES_AFTER": _names(after),
+            "RUNTIME_MODULES_REASON": ctx.reason,
+        }
+        if result is not None:
+            env["RUNTIME_MODULES_RESULT"] = result.value
+        return env
+
+    def _prune_logs(self, keep: Path | None) -> None:
+        try:
+            logs = sorted(self.settings.log_dir.glob("*.log"), key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return
+        for old in logs[:-KEEP_LOGS]:
+            if old != keep:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+
+class _ApplyFields(TypedDict):
+    """The journal fields every entry of an apply carries."""
+
+    apply_id: str
+    before: str
+    after: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """How an apply ended, before it is recorded."""
+
+    result: ApplyResult
+    after: frozenset[str]
+    system_before: str | None
+    system_after: str | None
+    message: str
+    log: _OutputLog | None = None
+
+
+@dataclass(slots=True)
+class _Context:
+    """What one apply carries through its steps."""
+
+    apply_id: str
+    started: float
+    t0: float
+    reason: str
+    force: bool
+    on_output: Callable[[str], None] | None
+    cancel: threading.Event | None
+    lock: ApplyLock
+
+
+class _Emitter:
+    """Sends each output line to the caller, the log and the journal."""
+
+    def __init__(self, journal: Journal, ctx: _Context, log: _OutputLog, run: _Run) -> None:
+        self.log = log
+        self.run = run
+        self.journal = journal
+        self.apply_id = ctx.apply_id
+        self.on_output = ctx.on_output
+        # The caller shows the output itself; journald's absence must not print it twice.
+        self.to_journal = self.journal.enabled_for(Priority.INFO) and (
+            self.on_output is None or self.journal.connected
+        )
+        self.journal_lines = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Emit the complete lines in ``data``; return the incomplete rest."""
+        *lines, rest = data.split(b"\n")
+        for raw in lines:
+            self.line(raw)
+        while len(rest) > MAX_LINE_BYTES:
+            self.line(rest[:MAX_LINE_BYTES])
+            rest = rest[MAX_LINE_BYTES:]
+        return rest
+
+    def line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self.run.last_lines.append(text)
+        self.log.write(text)
+        if self.on_output is not None:
+            try:
+                self.on_output(text)
+            except Exception:  # a closed terminal must not stop the apply
+                self.on_output = None
+        if self.to_journal:
+            self.journal_lines += 1
+            if self.journal_lines <= JOURNAL_OUTPUT_LINES:
+                self.journal.send(JournalEvent.APPLY_OUTPUT, text or " ", apply_id=self.apply_id)
+
+    def done(self) -> None:
+        if self.to_journal and self.journal_lines > JOURNAL_OUTPUT_LINES:
+            self.journal.send(
+                JournalEvent.APPLY_OUTPUT,
+                f"[{self.journal_lines - JOURNAL_OUTPUT_LINES} more lines of output are not in "
+                f"the journal; {self.log.where()}]",
+                apply_id=self.apply_id,
+            )
+
+
+def _kill_group(
+    pgid: int,
+    *,
+    wait: float,
+    term_first: bool = False,
+    leader: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Kill process group ``pgid`` (SIGTERM, then SIGKILL after ``wait`` s) and wait it out.
+
+    ``leader`` is reaped while waiting: our own child would otherwise linger as a zombie and
+    keep the group alive in the kernel's eyes.
+    """
+    sig = signal.SIGTERM if term_first else signal.SIGKILL
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()
+        if not group_alive(pgid):
+            return
+        time.sleep(0.02)
+    if group_alive(pgid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def _command() -> str:
+    """How the lock holder is named to a caller that must not wait."""
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    return " ".join(argv)[:200]
