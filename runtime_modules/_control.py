@@ -897,13 +897,13 @@ class ControlClient:
             sock.close()
             raise NoDaemonError(
                 f"no daemon is running: {self.path} does not exist; start it with "
-                "`systemctl start runtime-modules` (or run `runtime-modules daemon`)"
+                "`systemctl start runtime-modules` (or run `runtime-modules watch`)"
             ) from None
         except ConnectionRefusedError:
             sock.close()
             raise NoDaemonError(
                 f"no daemon is running: nothing listens on {self.path}; start it with "
-                "`systemctl start runtime-modules` (or run `runtime-modules daemon`)"
+                "`systemctl start runtime-modules` (or run `runtime-modules watch`)"
             ) from None
         except PermissionError:
             sock.close()

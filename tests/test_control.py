@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from runtime_modules._control import (
     MAX_REQUEST_BYTES,
     Accepted,
+    AutoRequest,
     ControlClient,
     ControlServer,
     DisableRequest,
@@ -49,6 +50,7 @@ from runtime_modules._control import (
     RebuildRequest,
     Reply,
     Request,
+    ResumeRequest,
     StatusRequest,
     StatusResponse,
     _parse_request,
@@ -62,7 +64,7 @@ from runtime_modules._errors import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-KNOWN = {"gaming", "vm"}
+KNOWN = {"gaming", "vm", "failing"}
 
 
 # --- harness -------------------------------------------------------------------------------
@@ -156,8 +158,9 @@ class FakeDaemon:
         self.seen.append((request, reply.peer.uid, str(reply.source())))
         if isinstance(request, StatusRequest):
             reply.send(StatusResponse(status={"modules": {m: "disabled" for m in sorted(KNOWN)}}))
-        elif isinstance(request, EnableRequest | DisableRequest):
-            for name in request.modules:
+        elif isinstance(request, EnableRequest | DisableRequest | AutoRequest | ResumeRequest):
+            modules = getattr(request, "modules", [])
+            for name in modules:
                 if name not in KNOWN:
                     raise UnknownModuleError(f"unknown module {name!r}; did you mean 'gaming'?")
             self.replies.append(reply)
@@ -167,28 +170,26 @@ class FakeDaemon:
                 self.apply_delay,
                 lambda: reply.send(Progress(apply_id="apply-1", lines=["building"], elapsed=0.05)),
             )
-            self.loop.later(
-                2 * self.apply_delay,
-                lambda: reply.send(
-                    Done(
-                        apply_id="apply-1",
-                        ok=True,
-                        result="succeeded",
-                        before=[],
-                        after=list(request.modules),
-                        message="gaming is on",
-                        duration=0.1,
-                    )
-                ),
+            failing = "failing" in modules
+            done = Done(
+                apply_id="apply-1",
+                ok=not failing,
+                result="rolled-back" if failing else "succeeded",
+                before=[],
+                after=[] if failing else list(modules),
+                message="nixos-rebuild failed; rolled back" if failing else "gaming is on",
+                duration=0.1,
+                exit_code=ExitCode.FAILURE if failing else ExitCode.OK,
             )
+            self.loop.later(2 * self.apply_delay, lambda: reply.send(done))
         elif isinstance(request, PauseRequest):
             reply.send(Ok(message="automation paused"))
         elif isinstance(request, RebuildRequest):
             raise ZeroDivisionError("a bug in the daemon")
 
 
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
+@contextlib.contextmanager
+def public_dir() -> Iterator[Path]:
     """A directory every user can traverse (pytest's tmp_path is 0700), removed afterwards."""
     d = Path(tempfile.mkdtemp(prefix="rmctl-", dir="/tmp"))
     d.chmod(0o755)
@@ -196,6 +197,12 @@ def sock_dir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    with public_dir() as d:
+        yield d
 
 
 @dataclass
@@ -216,13 +223,14 @@ class Running:
         return s
 
 
-@pytest.fixture
-def start(sock_dir: Path) -> Iterator[Callable[..., Running]]:
+@contextlib.contextmanager
+def servers(directory: Path) -> Iterator[Callable[..., Running]]:
+    """Start fake daemons on ``directory/control.sock``; all are stopped on exit."""
     started: list[Running] = []
 
     def _start(**kw: Any) -> Running:
         daemon = FakeDaemon()
-        server = ControlServer(sock_dir / "control.sock", daemon, **kw)
+        server = ControlServer(directory / "control.sock", daemon, **kw)
         server.open()
         loop = Loop(server)
         daemon.loop = loop
@@ -237,6 +245,12 @@ def start(sock_dir: Path) -> Iterator[Callable[..., Running]]:
             s.close()
         run.loop.stop()
         assert run.loop.errors == []
+
+
+@pytest.fixture
+def start(sock_dir: Path) -> Iterator[Callable[..., Running]]:
+    with servers(sock_dir) as _start:
+        yield _start
 
 
 @pytest.fixture

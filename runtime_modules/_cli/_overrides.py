@@ -1,10 +1,410 @@
-"""auto, pause, resume, events, history: override and live-view verbs."""
+"""auto, pause, resume, events, history: override and live-view verbs.
+
+With a daemon running, ``auto``/``pause``/``resume`` go to it over the control socket and this
+command shows its progress until the apply is done (or returns at once with ``--no-wait``).
+With none, they change the override store directly, which the daemon reads when it starts: no
+rule runs without the daemon, so there is nothing to apply now. ``events`` needs the daemon.
+``history`` reads the journal and needs nothing else.
+
+``route_to_daemon`` is the one call ``enable``/``disable``/``reset``/``rebuild`` use to go
+through the daemon when one runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+
+from .._control import (
+    Accepted,
+    AutoRequest,
+    ControlClient,
+    Done,
+    EventMessage,
+    EventsRequest,
+    Ok,
+    PauseRequest,
+    Progress,
+    Request,
+    ResumeRequest,
+    StatusResponse,
+)
+from .._errors import ConfigError, ExitCode, NoDaemonError, UnknownModuleError
+from .._settings import Settings
+from ._common import print_json
+
+# Past the daemon's own apply timeout, silence means it is gone or hung; a minute of slack covers
+# the rollback after a timeout.
+_IDLE_SLACK = 60.0
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this group's subcommands to ``sub``."""
+    p = sub.add_parser(
+        "auto",
+        parents=[common],
+        help="hand modules back to the rules (remove their overrides)",
+        description="Remove the overrides of MODULEs, runtime and persistent: the rules decide "
+        "again. With the daemon running, waits until the resulting apply is done.",
+    )
+    p.add_argument("modules", nargs="+", metavar="MODULE")
+    _no_wait(p)
+    p.set_defaults(func=cmd_auto)
+
+    p = sub.add_parser(
+        "pause",
+        parents=[common],
+        help="pause automation: rules stop changing modules until `resume` (or reboot)",
+        description="Pause automation: the modules the rules want now stay as they are, "
+        "overrides still apply. Ends with `resume` or at reboot.",
+    )
+    p.set_defaults(func=cmd_pause)
+
+    p = sub.add_parser(
+        "resume",
+        parents=[common],
+        help="resume automation after `pause` or `reset`",
+        description="Resume automation: the rules decide again, for the world as it is now.",
+    )
+    _no_wait(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "events",
+        parents=[common],
+        help="stream device, link, rule and apply events from the daemon (like udevadm monitor)",
+        description="Print the daemon's events as they happen until interrupted.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser(
+        "history",
+        parents=[common],
+        help="past applies, from the journal",
+        description="List past applies from the journal: time, before -> after, why, result, "
+        "duration. Root or a member of systemd-journal sees the daemon's entries.",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list (shape in docs/control.md)")
+    p.add_argument("-n", "--limit", type=int, default=20, help="the newest N applies (default 20)")
+    p.add_argument("--since", help="as journalctl --since: '2026-05-01', 'yesterday', '-2h'")
+    p.add_argument(
+        "--identifier",
+        default="runtime-modules",
+        help="the SYSLOG_IDENTIFIER of the entries (default runtime-modules)",
+    )
+    p.set_defaults(func=cmd_history)
+
+
+def _no_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="return once the daemon has taken the request; do not wait for the apply",
+    )
+
+
+# --- talking to the daemon -----------------------------------------------------------------
+
+
+def daemon_client(settings: Settings) -> ControlClient:
+    return ControlClient(settings.control_socket, idle_timeout=settings.apply_timeout + _IDLE_SLACK)
+
+
+def route_to_daemon(settings: Settings, request: Request) -> int | None:
+    """Send a change to the running daemon and show it through; None when no daemon runs.
+
+    The caller applies directly on None (under the same lock the daemon uses). Errors the
+    daemon answers with are raised as ``RuntimeModulesError``s.
+    """
+    try:
+        stream = daemon_client(settings).request(request)
+        first = next(stream)
+    except NoDaemonError:
+        return None
+    return show_answers(_chain(first, stream))
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def show_answers(answers: Iterable[Any]) -> int:
+    """Print a change's answers: progress lines (with elapsed time) on stderr, the end on stdout."""
+    code = int(ExitCode.OK)
+    for answer in answers:
+        if isinstance(answer, Accepted):
+            if answer.apply_id is not None:
+                print(f"{answer.message or 'accepted'} (apply {answer.apply_id})", file=sys.stderr)
+            elif answer.message:
+                print(answer.message)
+        elif isinstance(answer, Progress):
+            stamp = f"[{format_duration(answer.elapsed):>6}]"
+            for line in answer.lines:
+                print(f"{stamp} {line}", file=sys.stderr)
+            if not answer.lines:
+                print(f"{stamp} still applying", file=sys.stderr)
+            sys.stderr.flush()
+        elif isinstance(answer, Done):
+            code = answer.exit_code
+            took = f" in {format_duration(answer.duration)}" if answer.duration else ""
+            if answer.ok:
+                print(f"{answer.message or answer.result}{took}")
+            else:
+                print(f"runtime-modules: {answer.message or answer.result}", file=sys.stderr)
+        elif isinstance(answer, Ok):
+            print(answer.message)
+        elif isinstance(answer, StatusResponse):
+            print_json(answer.status)
+    return code
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as "45s", "12m05s", "2h03m": short, for progress and history."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _command(verb: str, *parts: str) -> str:
+    return " ".join((verb, *parts))
+
+
+def _no_daemon_note(settings: Settings) -> None:
+    print(
+        f"no daemon is running ({settings.control_socket} is absent); the change is stored and "
+        "takes effect when it starts (`systemctl start runtime-modules`)",
+        file=sys.stderr,
+    )
+
+
+# --- verbs ---------------------------------------------------------------------------------
+
+
+def cmd_auto(args: argparse.Namespace, settings: Settings) -> int:
+    modules = list(dict.fromkeys(args.modules))
+    request = AutoRequest(modules=modules, wait=args.wait, command=_command("auto", *modules))
+    code = route_to_daemon(settings, request)
+    if code is not None:
+        return code
+    from .._overrides import OverrideStore
+
+    now = time.time()
+    store = OverrideStore.from_settings(settings, warn=_warn)
+    pinned = store.load(now).pins
+    _check_names([m for m in modules if m not in pinned], settings)
+    store.unpin(modules, now=now)
+    for name in modules:
+        print(f"{name}: handed back to the rules" if name in pinned else f"{name}: had no override")
+    _no_daemon_note(settings)
+    return int(ExitCode.OK)
+
+
+def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    code = route_to_daemon(settings, PauseRequest(command="pause"))
+    if code is not None:
+        return code
+    from .._overrides import OverrideStore
+    from .._state import load_state
+
+    # Keep what is applied now, as the daemon's pause keeps what the rules want at that moment.
+    applied = load_state(settings).applied
+    OverrideStore.from_settings(settings, warn=_warn).set_paused(
+        True, now=time.time(), modules=applied
+    )
+    kept = ", ".join(sorted(applied)) or "the base system"
+    print(f"automation paused; keeping {kept}")
+    _no_daemon_note(settings)
+    return int(ExitCode.OK)
+
+
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    code = route_to_daemon(settings, ResumeRequest(wait=args.wait, command="resume"))
+    if code is not None:
+        return code
+    from .._overrides import OverrideStore
+
+    OverrideStore.from_settings(settings, warn=_warn).set_paused(False, now=time.time())
+    print("automation resumed")
+    _no_daemon_note(settings)
+    return int(ExitCode.OK)
+
+
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    client = ControlClient(settings.control_socket, idle_timeout=None)
+    for answer in client.request(EventsRequest()):
+        if isinstance(answer, Accepted):
+            print(f"listening to {settings.control_socket} (Ctrl-C to stop)", file=sys.stderr)
+        elif isinstance(answer, EventMessage):
+            if args.json:
+                print(answer.model_dump_json(exclude={"v", "type"}), flush=True)
+            else:
+                stamp = datetime.fromtimestamp(answer.time).strftime("%H:%M:%S.%f")[:-3]
+                print(f"{stamp} {answer.kind.upper():<8} {answer.text}", flush=True)
+    return int(ExitCode.OK)  # not reached: the stream ends with the daemon (an error) or ^C
+
+
+def _warn(message: str) -> None:
+    print(f"runtime-modules: warning: {message}", file=sys.stderr)
+
+
+def _check_names(names: Sequence[str], settings: Settings) -> None:
+    if not names:
+        return
+    from .._registry import load_registry, unknown_module_message
+
+    known = load_registry(settings.registry).names
+    for name in names:
+        if name not in known:
+            raise UnknownModuleError(unknown_module_message(name, known))
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryEntry:
+    apply_id: str
+    started: float  # wall clock, Unix time
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+    reason: str
+    result: str  # the applier's ApplyResult value, or "in-progress"
+    duration: float | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "apply_id": self.apply_id,
+            "time": datetime.fromtimestamp(self.started).astimezone().isoformat(),
+            "started": self.started,
+            "before": list(self.before),
+            "after": list(self.after),
+            "reason": self.reason,
+            "result": self.result,
+            "duration": self.duration,
+            "message": self.message,
+        }
+
+
+def _history_ids() -> tuple[list[str], set[str]]:
+    """The MESSAGE_IDs an apply's history is made of: its start, and each way it can end."""
+    from .._journal import JournalEvent as E
+
+    ends = [
+        E.APPLY_SUCCEEDED,
+        E.APPLY_UNCHANGED,
+        E.APPLY_FAILED,
+        E.APPLY_ROLLED_BACK,
+        E.ROLLBACK_FAILED,
+        E.APPLY_VETOED,
+    ]
+    return [E.APPLY_STARTED.message_id, *(e.message_id for e in ends)], {e.message_id for e in ends}
+
+
+def read_history(
+    *, identifier: str, since: str | None = None, journalctl: Sequence[str] = ("journalctl",)
+) -> list[HistoryEntry]:
+    """Every apply in the journal, oldest first, from its start and end entries."""
+    ids, end_ids = _history_ids()
+    argv = [*journalctl, "-o", "json", "--no-pager", "--quiet", f"SYSLOG_IDENTIFIER={identifier}"]
+    argv += [f"MESSAGE_ID={i}" for i in ids]  # same field: OR'd; with the identifier: AND'd
+    if since:
+        argv.append(f"--since={since}")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, errors="replace")
+    except FileNotFoundError:
+        raise ConfigError(
+            "journalctl is not installed; `history` reads the systemd journal"
+        ) from None
+    if proc.returncode != 0 and not proc.stdout:
+        detail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        raise ConfigError(f"journalctl failed: {detail[0]}")
+    applies: dict[str, dict[str, Any]] = {}
+    for line in proc.stdout.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        apply_id = _text(entry.get("RUNTIME_MODULES_APPLY_ID"))
+        if not apply_id:
+            continue
+        record = applies.setdefault(apply_id, {})
+        mid = _text(entry.get("MESSAGE_ID"))
+        record.setdefault("first", entry)
+        if mid in end_ids:
+            record["end"] = entry  # a rollback logs "failed" and then "rolled back": keep the last
+    return [_entry(apply_id, r["first"], r.get("end")) for apply_id, r in applies.items()]
+
+
+def _entry(apply_id: str, first: dict[str, Any], end: dict[str, Any] | None) -> HistoryEntry:
+    last = end if end is not None else first
+    try:
+        started = int(_text(first.get("__REALTIME_TIMESTAMP")) or 0) / 1e6
+    except ValueError:
+        started = 0.0
+    duration: float | None = None
+    if end is not None:
+        try:
+            duration = int(_text(end.get("RUNTIME_MODULES_DURATION_MS"))) / 1000
+        except ValueError:
+            duration = None
+    return HistoryEntry(
+        apply_id=apply_id,
+        started=started,
+        before=tuple(_text(first.get("RUNTIME_MODULES_BEFORE")).split()),
+        after=tuple(_text(last.get("RUNTIME_MODULES_AFTER")).split()),
+        reason=_text(first.get("RUNTIME_MODULES_REASON")),
+        result=_text(end.get("RUNTIME_MODULES_RESULT")) if end is not None else "in-progress",
+        duration=duration,
+        message=_text(last.get("MESSAGE")),
+    )
+
+
+def _text(value: object) -> str:
+    """A journal JSON field as text: journalctl gives bytes as a list of ints, repeats as a list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if all(isinstance(v, int) for v in value):
+            return bytes(v & 0xFF for v in value).decode("utf-8", "replace")
+        return _text(value[-1]) if value else ""
+    return "" if value is None else str(value)
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
+    if args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: give a number of applies, 1 or more")
+    entries = read_history(identifier=args.identifier, since=args.since)[-args.limit :]
+    if args.json:
+        print_json([e.to_json() for e in entries])
+        return int(ExitCode.OK)
+    if not entries:
+        hint = "" if os.geteuid() == 0 else " (run as root or a member of systemd-journal)"
+        print(f"no applies in the journal{hint}")
+        return int(ExitCode.OK)
+    print(f"{'TIME':<19}  {'RESULT':<15}  {'TOOK':>6}  CHANGE  [WHY]")
+    for e in entries:
+        when = datetime.fromtimestamp(e.started).strftime("%Y-%m-%d %H:%M:%S")
+        took = format_duration(e.duration) if e.duration is not None else "-"
+        change = f"{_set_text(e.before)} -> {_set_text(e.after)}"
+        why = f"  [{e.reason}]" if e.reason else ""
+        print(f"{when:<19}  {e.result:<15}  {took:>6}  {change}{why}")
+    return int(ExitCode.OK)
+
+
+def _set_text(names: Sequence[str]) -> str:
+    return ",".join(names) if names else "(base)"

@@ -1,0 +1,291 @@
+"""auto, pause, resume, events, history: through a real control socket, the real journal, or
+directly on the override store when no daemon runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime_modules._cli import main
+from runtime_modules._control import AutoRequest, EventMessage, PauseRequest, ResumeRequest
+from runtime_modules._errors import ExitCode
+from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
+from runtime_modules._settings import Settings, settings_from_env
+from runtime_modules._state import State, save_state
+from tests.test_control import REPO, Running, eventually, public_dir, servers
+
+ROOT = OverrideSource(uid=0, user="root", command="enable gaming")
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings (through the environment, as the CLI reads them) in a fresh public directory."""
+    with public_dir() as d:
+        registry = d / "modules.json"
+        registry.write_text(
+            json.dumps(
+                {
+                    "host": "laptop",
+                    "flake": "path:/nix/store/abc-source",
+                    "modules": [{"name": n} for n in ("gaming", "vm", "failing")],
+                }
+            )
+        )
+        monkeypatch.setenv("RUNTIME_MODULES_STATE_DIR", str(d / "run"))
+        monkeypatch.setenv("RUNTIME_MODULES_PERSIST_DIR", str(d / "lib"))
+        monkeypatch.setenv("RUNTIME_MODULES_REGISTRY", str(registry))
+        (d / "run").mkdir(mode=0o755)
+        yield settings_from_env()
+
+
+@pytest.fixture
+def daemon(env: Settings) -> Iterator[Running]:
+    with servers(env.state_dir) as start:
+        yield start()
+
+
+# --- with the daemon -----------------------------------------------------------------------
+
+
+def test_auto_shows_progress_until_done(
+    daemon: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["auto", "gaming", "vm", "gaming"]) == ExitCode.OK
+    out, err = capsys.readouterr()
+    assert "gaming is on in 0s" in out
+    assert "applying (apply apply-1)" in err
+    assert "[    0s] building" in err  # the rebuild's output, with the elapsed time
+    request = daemon.daemon.seen[0][0]
+    assert request == AutoRequest(modules=["gaming", "vm"], command="auto gaming vm")
+
+
+def test_failed_apply_exits_with_the_daemons_code(
+    daemon: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["auto", "failing"]) == ExitCode.FAILURE
+    assert "runtime-modules: nixos-rebuild failed; rolled back" in capsys.readouterr().err
+
+
+def test_no_wait_returns_when_accepted(daemon: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon.daemon.apply_delay = 5.0  # the apply would take seconds: we do not wait for it
+    t0 = time.monotonic()
+    assert main(["resume", "--no-wait"]) == ExitCode.OK
+    assert time.monotonic() - t0 < 2.0
+    out, err = capsys.readouterr()
+    assert "applying (apply apply-1)" in err and "gaming is on" not in out
+    assert daemon.daemon.seen[0][0] == ResumeRequest(wait=False, command="resume")
+
+
+def test_pause_goes_to_the_daemon(daemon: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pause"]) == ExitCode.OK
+    assert capsys.readouterr().out == "automation paused\n"
+    assert daemon.daemon.seen[0][0] == PauseRequest(command="pause")
+
+
+def test_unknown_module_from_the_daemon(
+    daemon: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["auto", "gamin"]) == ExitCode.USAGE
+    assert "did you mean 'gaming'" in capsys.readouterr().err
+
+
+def test_unprivileged_user_is_refused(daemon: Running) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running the CLI as nobody needs root and setpriv")
+    proc = subprocess.run(
+        [*NOBODY, sys.executable, "-m", "runtime_modules", "auto", "gaming"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=30,
+    )
+    assert proc.returncode == ExitCode.PERMISSION, proc.stderr
+    assert proc.stderr.startswith("runtime-modules: nobody (uid 65534) may not auto: only root")
+    assert "Traceback" not in proc.stderr
+    assert daemon.daemon.seen == []
+
+
+def test_events_streams_like_udevadm_monitor(daemon: Running) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime_modules", "events"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert eventually(lambda: daemon.loop.call(lambda: daemon.server.subscribers) == 1, 10)
+        for kind, text in (("device", "add /devices/pci0000:00/egpu"), ("rule", "egpu: active")):
+            event = EventMessage(time=time.time(), kind=kind, text=text)
+            daemon.loop.call(lambda e=event: daemon.server.broadcast(e))  # type: ignore[misc]
+        assert proc.stdout is not None
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+        assert first.split(maxsplit=1)[1] == "DEVICE   add /devices/pci0000:00/egpu\n"
+        assert second.split(maxsplit=1)[1] == "RULE     egpu: active\n"
+        daemon.loop.stop()  # the daemon goes away: the stream ends with a clear error
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == ExitCode.FAILURE
+    assert "closed the connection before the end of the event stream" in err
+
+
+def test_events_json(daemon: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(main(["events", "--json"])))
+    t.start()
+    assert eventually(lambda: daemon.loop.call(lambda: daemon.server.subscribers) == 1)
+    event = EventMessage(time=1.5, kind="link", text="eth0 up", data={"ifname": "eth0"})
+    daemon.loop.call(lambda: daemon.server.broadcast(event))
+    out: list[str] = []
+
+    def printed() -> bool:
+        out.append(capsys.readouterr().out)
+        return "\n" in "".join(out)
+
+    assert eventually(printed)
+    daemon.loop.stop()
+    t.join(timeout=10)
+    assert codes == [ExitCode.FAILURE]  # the daemon stopped
+    line = "".join(out).splitlines()[0]
+    assert json.loads(line) == {
+        "time": 1.5,
+        "kind": "link",
+        "text": "eth0 up",
+        "data": {"ifname": "eth0"},
+    }
+
+
+# --- without the daemon --------------------------------------------------------------------
+
+
+def test_events_needs_the_daemon(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["events"]) == ExitCode.NO_DAEMON
+    err = capsys.readouterr().err
+    assert "no daemon is running" in err and "systemctl start runtime-modules" in err
+
+
+def test_auto_without_daemon_edits_the_store(
+    env: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = OverrideStore.from_settings(env)
+    store.pin(["gaming"], OverrideState.ON, until=None, source=ROOT, persist=True, now=time.time())
+    store.pin(["gone"], OverrideState.ON, until=None, source=ROOT, persist=False, now=time.time())
+    # "gone" is no longer in the registry, but a pin on it can still be handed back.
+    assert main(["auto", "gaming", "gone", "vm"]) == ExitCode.OK
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "gaming: handed back to the rules",
+        "gone: handed back to the rules",
+        "vm: had no override",
+    ]
+    assert "no daemon is running" in err and "takes effect when it starts" in err
+    assert dict(store.load(time.time()).pins) == {}
+
+
+def test_auto_without_daemon_checks_names(
+    env: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["auto", "gamng"]) == ExitCode.USAGE
+    assert "did you mean 'gaming'" in capsys.readouterr().err
+
+
+def test_pause_and_resume_without_daemon(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    save_state(env, State(applied=frozenset({"vm"})))
+    assert main(["pause"]) == ExitCode.OK
+    assert "keeping vm" in capsys.readouterr().out
+    view = OverrideStore.from_settings(env).load(time.time())
+    assert (view.paused, view.paused_modules) == (True, frozenset({"vm"}))
+    assert main(["resume"]) == ExitCode.OK
+    assert OverrideStore.from_settings(env).load(time.time()).paused is False
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+def _send(identifier: str, kind: str, message: str, **fields: object) -> None:
+    from runtime_modules._journal import JournalEvent
+    from systemd import journal
+
+    journal.sendv(
+        f"MESSAGE={message}",
+        f"MESSAGE_ID={JournalEvent[kind].message_id}",
+        f"SYSLOG_IDENTIFIER={identifier}",
+        *(f"RUNTIME_MODULES_{k.upper()}={v}" for k, v in fields.items()),
+    )
+
+
+@pytest.fixture
+def recorded(journald: Path, journal_tag: str) -> None:
+    """Three applies in the real journal, as the applier writes them: one that succeeded, one
+    rolled back, one still running; plus an unrelated entry."""
+    a, b, c = (f"{journal_tag}-{n}" for n in "abc")
+    entries: list[tuple[str, str, dict[str, object]]] = [
+        ("APPLY_STARTED", "enabling gaming", {"apply_id": a, "before": "", "after": "gaming"}),
+        ("APPLY_SUCCEEDED", "gaming enabled", {"apply_id": a, "before": "", "after": "gaming",
+                                               "result": "succeeded", "duration_ms": 83000}),
+        ("APPLY_STARTED", "enabling vm", {"apply_id": b, "before": "gaming",
+                                          "after": "gaming vm", "reason": "rule dock"}),
+        ("APPLY_FAILED", "nixos-rebuild failed", {"apply_id": b, "before": "gaming",
+                                                  "after": "gaming vm", "result": "failed",
+                                                  "duration_ms": 4000}),
+        ("APPLY_ROLLED_BACK", "rolled back to gaming", {"apply_id": b, "before": "gaming",
+                                                        "after": "gaming", "result": "failed",
+                                                        "duration_ms": 5000}),
+        ("RULE_ACTIVATED", "rule dock active", {"rule": "dock"}),
+        ("APPLY_STARTED", "disabling gaming", {"apply_id": c, "before": "gaming", "after": "",
+                                               "reason": "reset"}),
+    ]  # fmt: skip
+    entries[0][2]["reason"] = entries[1][2]["reason"] = "enable gaming"
+    for kind, message, fields in entries:
+        _send(journal_tag, kind, message, **fields)
+    subprocess.run(["journalctl", "--sync"], check=False, capture_output=True)
+
+
+@pytest.mark.usefixtures("recorded")
+def test_history_json(journal_tag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["history", "--identifier", journal_tag, "--json"]) == ExitCode.OK
+    got = json.loads(capsys.readouterr().out)
+    slim = [
+        (e["apply_id"][-1], e["before"], e["after"], e["reason"], e["result"], e["duration"])
+        for e in got
+    ]
+    assert slim == [
+        ("a", [], ["gaming"], "enable gaming", "succeeded", 83.0),
+        ("b", ["gaming"], ["gaming"], "rule dock", "failed", 5.0),
+        ("c", ["gaming"], [], "reset", "in-progress", None),
+    ]
+    assert got[1]["message"] == "rolled back to gaming"
+    assert abs(got[0]["started"] - time.time()) < 60
+
+
+@pytest.mark.usefixtures("recorded")
+def test_history_table_and_limit(journal_tag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["history", "--identifier", journal_tag, "-n", "2"]) == ExitCode.OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["TIME", "RESULT", "TOOK", "CHANGE", "[WHY]"]
+    assert len(lines) == 3  # the newest two
+    assert lines[1].split()[2:] == ["failed", "5s", "gaming", "->", "gaming", "[rule", "dock]"]
+    assert lines[2].split()[2:] == ["in-progress", "-", "gaming", "->", "(base)", "[reset]"]
+
+
+def test_history_of_nothing(journald: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tag = f"rmtest-none-{uuid.uuid4().hex[:8]}"
+    assert main(["history", "--identifier", tag]) == ExitCode.OK
+    assert capsys.readouterr().out.startswith("no applies in the journal")
+    assert main(["history", "--identifier", tag, "--since", "not a time"]) == ExitCode.USAGE
+    assert "journalctl failed" in capsys.readouterr().err
