@@ -1,10 +1,67 @@
-"""watch: the daemon."""
+"""watch: the daemon (what the systemd unit runs, and the README's first command with --dry-run)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
 from typing import Any
+
+from .._settings import Settings
+
+LOG_LEVELS = ("debug", "info", "notice", "warning", "err")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this group's subcommands to ``sub``."""
+    p = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="run the daemon: follow udev and netlink, apply what the rules want",
+        description=(
+            "Enumerate devices and links, then follow udev and netlink events; rules decide "
+            "the wanted modules (after settle, kept for linger) and one apply at a time makes "
+            "them so. SIGHUP reloads the rules; SIGTERM stops cleanly. With --dry-run nothing "
+            "is rebuilt and each decision is printed as it is made."
+        ),
+    )
+    p.add_argument(
+        "--rules",
+        dest="rules_paths",
+        type=Path,
+        nargs="+",
+        metavar="PATH",
+        help="rule files or folders [RUNTIME_MODULES_RULES, default /etc/runtime-modules/rules]",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="everything but nixos-rebuild; print each decision to stdout",
+    )
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="watch the links of this network namespace (`ip netns list`) instead of ours",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="least important journal entries kept; debug shows every event "
+        "[RUNTIME_MODULES_LOG_LEVEL, default info]",
+    )
+    p.set_defaults(func=_watch)
+
+
+def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    from .._daemon import Daemon
+    from .._journal import Journal
+
+    if args.log_level:
+        settings = settings.with_(log_level=args.log_level)
+    journal = Journal.for_level(settings.log_level)
+    level = logging.DEBUG if settings.log_level == "debug" else logging.INFO
+    # Under systemd, stderr is the journal; a plain line per message is what journalctl shows.
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
+    daemon = Daemon(settings, dry_run=args.dry_run, netns=args.netns, journal=journal)
+    return daemon.run()
