@@ -3,6 +3,7 @@ directly on the override store when no daemon runs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,13 +13,23 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from runtime_modules._cli import main
-from runtime_modules._control import AutoRequest, EventMessage, PauseRequest, ResumeRequest
-from runtime_modules._errors import ExitCode
+from runtime_modules._cli._overrides import add_pin_flags, change_request, record_change
+from runtime_modules._control import (
+    AutoRequest,
+    DisableRequest,
+    EnableRequest,
+    EventMessage,
+    PauseRequest,
+    ResetRequest,
+    ResumeRequest,
+)
+from runtime_modules._errors import ConfigError, ExitCode
 from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
 from runtime_modules._settings import Settings, settings_from_env
 from runtime_modules._state import State, save_state
@@ -289,3 +300,58 @@ def test_history_of_nothing(journald: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.startswith("no applies in the journal")
     assert main(["history", "--identifier", tag, "--since", "not a time"]) == ExitCode.USAGE
     assert "journalctl failed" in capsys.readouterr().err
+
+
+# --- what enable/disable/reset/rebuild use from here ---------------------------------------
+
+
+def _pin_args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("modules", nargs="*")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--no-wait", action="store_true")
+    add_pin_flags(p)
+    return p.parse_args(argv)
+
+
+def test_change_request_carries_the_pin_flags() -> None:
+    now = 1_800_000_000.0
+    req = change_request("enable", _pin_args("gaming", "gaming", "--for", "2h"), now=now)
+    assert isinstance(req, EnableRequest)
+    assert (req.modules, req.until, req.persist, req.wait) == (
+        ["gaming"],
+        datetime.fromtimestamp(now + 7200, UTC),
+        False,
+        True,
+    )
+    assert req.command == "enable gaming --for 2h"
+    req = change_request("disable", _pin_args("vm", "--persist", "--no-wait"), now=now)
+    assert isinstance(req, DisableRequest)
+    assert (req.until, req.persist, req.wait, req.command) == (
+        None,
+        True,
+        False,
+        "disable vm --persist",
+    )
+    assert change_request("reset", _pin_args(), now=now) == ResetRequest(command="reset")
+    with pytest.raises(ConfigError, match="--for 'soon'"):
+        change_request("enable", _pin_args("vm", "--for", "soon"), now=now)
+    with pytest.raises(SystemExit):
+        _pin_args("vm", "--for", "2h", "--until", "18:00")  # argparse: not both
+
+
+def test_record_change_without_daemon(env: Settings) -> None:
+    now = time.time()
+    record_change(
+        env, change_request("enable", _pin_args("gaming", "--for", "1h"), now=now), now=now
+    )
+    record_change(env, change_request("disable", _pin_args("vm", "--persist"), now=now), now=now)
+    pins = OverrideStore.from_settings(env).load(now).pins
+    assert pins["gaming"].state is OverrideState.ON and pins["gaming"].until == pytest.approx(
+        now + 3600
+    )
+    assert pins["vm"].state is OverrideState.OFF and pins["vm"].persistent
+    assert pins["gaming"].source.command == "enable gaming --for 1h"
+    record_change(env, change_request("reset", _pin_args(), now=now), now=now)
+    view = OverrideStore.from_settings(env).load(now)
+    assert (dict(view.pins), view.paused, view.paused_modules) == ({}, True, frozenset())

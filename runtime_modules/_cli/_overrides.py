@@ -6,8 +6,11 @@ With none, they change the override store directly, which the daemon reads when 
 rule runs without the daemon, so there is nothing to apply now. ``events`` needs the daemon.
 ``history`` reads the journal and needs nothing else.
 
-``route_to_daemon`` is the one call ``enable``/``disable``/``reset``/``rebuild`` use to go
-through the daemon when one runs.
+``enable``/``disable``/``reset``/``rebuild`` (in ``_modules``) use three things from here: the
+``--for``/``--until``/``--persist`` flags (``add_pin_flags``), ``change_request`` to build their
+request and ``route_to_daemon`` to send it when a daemon runs; with none, ``record_change``
+writes the override store before they apply directly, so that a daemon started later keeps the
+user's choice instead of undoing it.
 """
 
 from __future__ import annotations
@@ -20,20 +23,24 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .._control import (
     Accepted,
     AutoRequest,
     ControlClient,
+    DisableRequest,
     Done,
+    EnableRequest,
     EventMessage,
     EventsRequest,
     Ok,
     PauseRequest,
     Progress,
+    RebuildRequest,
     Request,
+    ResetRequest,
     ResumeRequest,
     StatusResponse,
 )
@@ -111,6 +118,91 @@ def _no_wait(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="return once the daemon has taken the request; do not wait for the apply",
     )
+
+
+def add_pin_flags(p: argparse.ArgumentParser) -> None:
+    """``--for``, ``--until`` and ``--persist``, for ``enable`` and ``disable``."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--for", dest="pin_for", metavar="DURATION", help="only for this long: 2h, 90m, 1h30m"
+    )
+    g.add_argument(
+        "--until",
+        dest="pin_until",
+        metavar="TIME",
+        help="only until then: 18:00 (today, or tomorrow if past) or 2026-05-01T18:00",
+    )
+    p.add_argument(
+        "--persist",
+        action="store_true",
+        help="keep the override across reboots (in the persistent directory)",
+    )
+
+
+def change_request(verb: str, args: argparse.Namespace, *, now: float) -> Request:
+    """The control request for a changing verb of ``_modules`` and its parsed flags.
+
+    Reads ``modules``, ``force``, ``no_wait`` and the flags of ``add_pin_flags`` when present.
+    """
+    from .._overrides import until_from_flags
+
+    wait = not getattr(args, "no_wait", False)
+    force = bool(getattr(args, "force", False))
+    if verb in ("enable", "disable"):
+        modules = list(dict.fromkeys(args.modules))
+        pin_for, pin_until = getattr(args, "pin_for", None), getattr(args, "pin_until", None)
+        until = until_from_flags(pin_for, pin_until, now=now)
+        persist = bool(getattr(args, "persist", False))
+        flags = [f"--for {pin_for}"] * bool(pin_for) + [f"--until {pin_until}"] * bool(pin_until)
+        flags += ["--persist"] * persist + ["--force"] * force
+        cls = EnableRequest if verb == "enable" else DisableRequest
+        return cls(
+            modules=modules,
+            until=None if until is None else datetime.fromtimestamp(until, UTC),
+            persist=persist,
+            force=force,
+            wait=wait,
+            command=_command(verb, *modules, *flags),
+        )
+    if verb == "reset":
+        return ResetRequest(force=force, wait=wait, command=_command("reset"))
+    if verb == "rebuild":
+        return RebuildRequest(force=force, wait=wait, command=_command("rebuild"))
+    raise ValueError(f"{verb!r} is not a changing verb")
+
+
+def record_change(settings: Settings, request: Request, *, now: float) -> None:
+    """With no daemon: record an ``enable``/``disable``/``reset`` in the override store.
+
+    Nothing to record for other requests. The caller then applies directly.
+    """
+    from .._overrides import OverrideSource, OverrideState, OverrideStore
+
+    store = OverrideStore.from_settings(settings, warn=_warn)
+    if isinstance(request, EnableRequest | DisableRequest):
+        source = OverrideSource(uid=os.getuid(), user=_user(), command=request.command)
+        store.pin(
+            request.modules,
+            OverrideState.ON if isinstance(request, EnableRequest) else OverrideState.OFF,
+            until=None if request.until is None else request.until.timestamp(),
+            source=source,
+            persist=request.persist,
+            now=now,
+        )
+    elif isinstance(request, ResetRequest):
+        store.reset(now=now)
+
+
+def _user() -> str:
+    import pwd
+
+    # Under sudo, the person is SUDO_USER; the uid recorded stays the real one (root).
+    if user := os.environ.get("SUDO_USER"):
+        return user
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 # --- talking to the daemon -----------------------------------------------------------------
