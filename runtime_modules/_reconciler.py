@@ -127,10 +127,11 @@ class _Edge(enum.Enum):
     DEADLINE = enum.auto()  # the phase's deadline is reached (since + settle, or since + linger)
 
 
-# The whole per-rule state machine. A missing pair changes nothing (ACTIVE + HOLDS with other
-# matches, SETTLING + HOLDS). The special cases are plain code in Reconciler._step: a settle or
-# linger of 0 (the new phase's deadline is already due, so the loop takes DEADLINE at once and only
-# the final phase is reported), and the hold of a freshly (re)loaded rule (Reconciler._held).
+# The whole per-rule state machine. A missing pair cannot happen (see Reconciler._step); new
+# matches while SETTLING or ACTIVE are no transition, only news for the status. The special cases
+# are plain code in Reconciler._step: a settle or linger of 0 (the new phase's deadline is already
+# due, so the loop takes DEADLINE at once and only the final phase is reported), and the hold of a
+# freshly (re)loaded rule (Reconciler._held).
 _TRANSITIONS: dict[tuple[Phase, _Edge], Phase] = {
     (Phase.INACTIVE, _Edge.HOLDS): Phase.SETTLING,
     (Phase.SETTLING, _Edge.STOPS): Phase.INACTIVE,
@@ -403,17 +404,27 @@ class Reconciler:
 
     def _push_timer(self, name: str, rule: _Rule) -> None:
         deadline = rule.until()
-        if deadline is not None:
-            self._seq += 1
-            heapq.heappush(self._timers, (deadline, self._seq, name, rule.gen))
+        if deadline is None:
+            return
+        self._seq += 1
+        heapq.heappush(self._timers, (deadline, self._seq, name, rule.gen))
+        # Stale entries are dropped lazily at the head; a flapping rule behind a long-lived head
+        # would pile them up, so past twice what can be live, keep only the live ones (amortized
+        # O(1) per push, and memory stays O(rules) through an event storm).
+        if len(self._timers) > 2 * len(self._rules) + 16:
+            self._timers = [t for t in self._timers if self._live(t)]
+            heapq.heapify(self._timers)
+
+    def _live(self, timer: tuple[float, int, str, int]) -> bool:
+        deadline, _, name, gen = timer
+        rule = self._rules.get(name)
+        return rule is not None and rule.gen == gen and rule.until() == deadline
 
     def _peek_timer(self) -> float | None:
         timers = self._timers
         while timers:
-            deadline, _, name, gen = timers[0]
-            rule = self._rules.get(name)
-            if rule is not None and rule.gen == gen and rule.until() == deadline:
-                return deadline
+            if self._live(timers[0]):
+                return timers[0][0]
             heapq.heappop(timers)  # stale: the rule moved on, was reloaded or removed
         return None
 
@@ -482,10 +493,11 @@ class Reconciler:
     # --- rules -------------------------------------------------------------------------------
 
     def _step(self, name: str, rule: _Rule, edge: _Edge, at: float, actions: list[Action]) -> None:
+        # Every call is a real transition: a rule is SETTLING or ACTIVE exactly when its name is
+        # in the last truth, so HOLDS and STOPS come only where the table has them, and a timer
+        # fires only for the deadline of the rule's current phase (_peek_timer drops the others).
         before = rule.phase
-        phase = _TRANSITIONS.get((before, edge))
-        if phase is None:
-            return
+        phase = _TRANSITIONS[(before, edge)]
         while True:
             self._enter(name, rule, phase, at)
             deadline = rule.until()

@@ -274,6 +274,41 @@ def test_rules_that_are_not_loaded_are_ignored() -> None:
     assert rec.next_wakeup is None
 
 
+def test_a_rule_that_is_not_loaded_stopping_is_ignored_too() -> None:
+    rec = started(GPU)
+    assert play(rec, [(1, holding(disabled=["x"], gpu=["a"])), (2, holding())]) == [
+        (1, RuleSettling(rule="gpu", until=4.0)),
+        (2, RuleSettleCancelled(rule="gpu")),
+    ]
+
+
+def test_an_unchanged_truth_after_a_missed_deadline_still_fires_it() -> None:
+    rec = started(GPU)
+    rec.handle(holding(gpu=["a"]), 1)
+    assert rec.handle(holding(gpu=["a"]), 4.2) == [
+        RuleActivated(rule="gpu", matches=("a",)),
+        ApplyScheduled(target=s("gaming"), at=4.5),
+    ]
+    assert rec.handle(holding(gpu=["a"]), 4.6) == [
+        start(1, s("gaming"), {"gaming": by_rules("gpu")})
+    ]
+
+
+def test_a_storm_behind_a_long_timer_keeps_memory_bounded() -> None:
+    # White-box on purpose: the timer heap drops stale entries lazily, and must not grow with the
+    # number of events while a far-off deadline sits at its head.
+    rec = started(rule("slow", "a", settle=1000), rule("flappy", "b", settle=2000))
+    rec.handle(holding(slow=[]), 0)
+    for i in range(1, 10_000):
+        rec.handle(holding(slow=[], flappy=[]) if i % 2 else holding(slow=[]), i * 0.01)
+    assert len(rec._timers) <= 2 * 2 + 16
+    assert rec.next_wakeup == 1000
+    assert rec.tick(1000) == [
+        RuleActivated(rule="slow", matches=()),
+        ApplyScheduled(target=s("a"), at=1000.5),
+    ]
+
+
 def test_a_late_tick_fires_each_timer_at_its_own_time() -> None:
     # The daemon may wake late (a loaded machine); settle and quiet still count from the deadline.
     rec = started(GPU, DOCK)
@@ -435,6 +470,22 @@ def test_a_change_of_the_world_lifts_the_give_up_but_keeps_the_backoff_delay() -
     ]
 
 
+def test_a_target_given_up_is_tried_afresh_once_the_world_moved_away_and_back() -> None:
+    # Unplugging and replugging the device is a natural way to say "try again".
+    rec = Reconciler(max_attempts=1)
+    dock = rule("dock", "virt", settle=0, linger=0)
+    play(rec, [(0, loaded(GPU, dock)), (0, holding(gpu=["a"]))])
+    play(rec, [(3.5, None), (4, failed(1))])
+    log = play(rec, [(20, holding(gpu=["a"], dock=["d"])), (20.2, holding(gpu=["a"]))], until=21)
+    assert rec.snapshot(21).given_up is None
+    # quiet after the last change (20.2); the count of failures of this target goes on, so one
+    # more failure gives it up again: one attempt per change, never a loop
+    assert log[-1] == (20.7, start(2, s("gaming"), {"gaming": by_rules("gpu")}, attempt=2))
+    assert play(rec, [(21, failed(2))]) == [
+        (21, ApplyGivenUp(target=s("gaming"), failures=2, message="build failed"))
+    ]
+
+
 def test_rebuild_lifts_a_give_up_and_starts_at_once() -> None:
     rec = Reconciler(max_attempts=1)
     play(rec, [(0, loaded(GPU)), (0, holding(gpu=["a"]))], until=3.5)
@@ -566,6 +617,17 @@ def test_an_override_during_a_world_scheduled_apply_skips_the_quiet_period() -> 
             },
         ),
     )
+
+
+def test_a_user_change_that_needs_no_apply_does_not_hurry_the_next_world_change() -> None:
+    rec = _active(GPU, DOCK, gpu=["a"])
+    play(rec, [(200, holding()), (230, None)])  # gaming lingers out: its removal is scheduled
+    assert play(rec, [(230.1, overrides(on("gaming")))]) == [(230.1, ApplyCancelled(target=s()))]
+    assert play(rec, [(240, holding(dock=["d"]))], until=243.2) == [
+        (240, RuleSettling(rule="dock", until=243.0)),
+        (243, RuleActivated(rule="dock", matches=("d",))),
+        (243, ApplyScheduled(target=s("gaming", "virt"), at=243.5)),
+    ]
 
 
 def test_an_override_that_changes_nothing_does_not_hurry_a_backoff() -> None:
@@ -810,6 +872,12 @@ def test_reload_removing_rules_deactivates_them() -> None:
         (201, ApplyScheduled(target=s(), at=201.5)),
         (201.5, start(2, s(), {"gaming": NO_RULE})),
     ]
+
+
+def test_reload_removing_an_inactive_rule_says_nothing() -> None:
+    rec = started(GPU, DOCK)
+    assert play(rec, [(1, loaded(GPU)), (1, holding())]) == []
+    assert [r.name for r in rec.snapshot(1).rules] == ["gpu"]
 
 
 def test_two_rules_wanting_one_module_keep_it_until_both_are_gone() -> None:
