@@ -1,0 +1,1005 @@
+"""Rules: the file format, its validation, and the plain values the rest of the code uses.
+
+A rule file is TOML, or JSON with the same structure (the NixOS module writes JSON)::
+
+    [[rule]]
+    name = "gaming-on-nvidia-gpu"
+    modules = ["gaming"]
+    settle = "3s"
+    [rule.when.device]
+    subsystem = "pci"
+    properties = { PCI_ID = "10DE:*" }
+
+The files are validated by the pydantic models below (the boundary; they also give the JSON
+Schema of ``rules schema``), then turned into frozen dataclasses with compiled globs (``Rule``,
+``DeviceCondition``, …) that evaluation uses. Every problem of every file is collected and raised
+at once as a ``RuleError``, each naming the file, the rule and the dotted field, with a hint.
+The format reference is docs/rules.md; this module is its implementation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticCustomError
+
+from ._errors import RuleError, RuleProblem
+from ._glob import Glob, compile_glob, fold, glob_error
+from ._registry import MODULE_NAME
+from ._world import OperState
+
+__all__ = [
+    "MAX_DURATION",
+    "AllOf",
+    "AnyOf",
+    "Condition",
+    "DeviceCondition",
+    "LinkCondition",
+    "Needs",
+    "Not",
+    "Pattern",
+    "Rule",
+    "RuleSet",
+    "load_rules",
+    "parse_duration",
+    "parse_rules",
+    "rule_files",
+    "rules_json_schema",
+]
+
+# Rule names are in logs, journal fields and CLI output: the same tame set as module names.
+RULE_NAME = MODULE_NAME
+# A settle or linger longer than a week is surely a typo (and would outlive most uptimes).
+MAX_DURATION = 7 * 86400.0
+# A rule file is written by hand or by the NixOS module; megabytes mean a wrong file.
+MAX_FILE_SIZE = 4 * 1024 * 1024
+# Deeper nesting than this is no rule anyone writes; the cap keeps validation off the C stack.
+MAX_DEPTH = 32
+# Sysfs attribute names are paths below the device ("boot_vga", "power/control").
+ATTRIBUTE_NAME = re.compile(r"^[A-Za-z0-9_:.+-]+(/[A-Za-z0-9_:.+-]+)*$")
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)", re.ASCII)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_HELP = 'write e.g. "500ms", "3s", "2m", "1m30s" or a number of seconds'
+
+
+# --- the values evaluation uses -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A value test: a glob, or a list of globs of which any may match.
+
+    An absent value (a device without that property, a NIC with no driver) matches only the
+    empty pattern ``""``, so ``driver = ""`` means "no driver bound" as in udev rules.
+    """
+
+    globs: tuple[Glob, ...]
+    # The folded texts when every glob is a literal (most are): one set lookup then.
+    _literals: frozenset[str] | None = field(init=False, repr=False, compare=False)
+    _absent: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        texts = [g.literal for g in self.globs]
+        literals = None if None in texts else frozenset(t for t in texts if t is not None)
+        object.__setattr__(self, "_literals", literals)
+        object.__setattr__(self, "_absent", any(g.pattern == "" for g in self.globs))
+
+    @classmethod
+    def of(cls, value: str | Sequence[str]) -> Pattern:
+        items = (value,) if isinstance(value, str) else tuple(value)
+        return cls(tuple(compile_glob(item) for item in items))
+
+    def match(self, value: str | None) -> bool:
+        if value is None:
+            return self._absent
+        folded = value.lower() if value.isascii() else fold(value)
+        if self._literals is not None:
+            return folded in self._literals
+        # A loop, not any() over a generator: this runs for every key on every uevent.
+        for g in self.globs:  # noqa: SIM110
+            if g.match_folded(folded):
+                return True
+        return False
+
+    def match_folded(self, folded: str) -> bool:
+        for g in self.globs:  # noqa: SIM110
+            if g.match_folded(folded):
+                return True
+        return False
+
+    @property
+    def literals(self) -> frozenset[str] | None:
+        """The folded values this pattern equals, or None when any item is a wildcard."""
+        return self._literals
+
+    def __str__(self) -> str:
+        if len(self.globs) == 1:
+            return self.globs[0].pattern
+        return "[" + ", ".join(g.pattern for g in self.globs) + "]"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceCondition:
+    """Some udev device matches every key given (None / empty: not tested)."""
+
+    subsystem: Pattern | None = None
+    devtype: Pattern | None = None
+    driver: Pattern | None = None
+    sysname: Pattern | None = None
+    devpath: Pattern | None = None
+    properties: tuple[tuple[str, Pattern], ...] = ()
+    attributes: tuple[tuple[str, Pattern], ...] = ()  # compared without trailing whitespace
+    tags: tuple[Pattern, ...] = ()  # each must match one of the device's tags
+    parent: DeviceCondition | None = None  # some ancestor matches this
+
+    def key_patterns(self) -> list[tuple[str, Pattern]]:
+        """The tested keys as (label, pattern), in the order explanations print them."""
+        out: list[tuple[str, Pattern]] = []
+        for name in ("subsystem", "devtype", "driver", "sysname", "devpath"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                out.append((name, pattern))
+        out.extend(self.properties)
+        out.extend((f"attribute {k}", p) for k, p in self.attributes)
+        out.extend(("tag", p) for p in self.tags)
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkCondition:
+    """Some network link matches every key given."""
+
+    ifname: Pattern | None = None
+    kind: Pattern | None = None
+    operstate: Pattern | None = None
+    carrier: bool | None = None
+    mac: Pattern | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    item: Condition
+
+
+Condition = DeviceCondition | LinkCondition | AllOf | AnyOf | Not
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    name: str
+    description: str = ""
+    modules: tuple[str, ...]
+    settle: float  # seconds the condition must hold before the rule counts
+    linger: float  # seconds the rule keeps counting after the condition stops
+    enabled: bool = True
+    when: Condition
+    source: str  # the file it came from
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What evaluating a rule set needs from the live sources, so they read nothing more."""
+
+    subsystems: frozenset[str] | None  # None: some device condition has no literal subsystem
+    tags: frozenset[str]
+    attributes: frozenset[str]
+    links: bool
+    devices: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    rules: tuple[Rule, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("rule names must be unique")
+
+    def rule(self, name: str) -> Rule:
+        for r in self.rules:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def modules(self) -> frozenset[str]:
+        """Every module some rule names."""
+        return frozenset(m for r in self.rules for m in r.modules)
+
+    def needs(self) -> Needs:
+        subsystems: set[str] | None = set()
+        tags: set[str] = set()
+        attributes: set[str] = set()
+        links = devices = False
+        for device in _device_conditions(r.when for r in self.rules):
+            devices = True
+            literals = device.subsystem.literals if device.subsystem is not None else None
+            if literals is None:
+                subsystems = None
+            elif subsystems is not None:
+                subsystems |= literals
+            for pattern in device.tags:
+                tags |= pattern.literals or set()
+            attributes.update(k for k, _ in device.attributes)
+        for r in self.rules:
+            links = links or any(isinstance(c, LinkCondition) for c in walk(r.when))
+        return Needs(
+            subsystems=None if subsystems is None else frozenset(subsystems),
+            tags=frozenset(tags),
+            attributes=frozenset(attributes),
+            links=links,
+            devices=devices,
+        )
+
+
+def walk(condition: Condition) -> Iterable[Condition]:
+    """``condition`` and every condition inside it (not the ``parent`` of device conditions)."""
+    stack = [condition]
+    while stack:
+        c = stack.pop()
+        yield c
+        if isinstance(c, AllOf | AnyOf):
+            stack.extend(reversed(c.items))
+        elif isinstance(c, Not):
+            stack.append(c.item)
+
+
+def _device_conditions(conditions: Iterable[Condition]) -> Iterable[DeviceCondition]:
+    """Every device condition at every level, parents included."""
+    for top in conditions:
+        for c in walk(top):
+            device = c if isinstance(c, DeviceCondition) else None
+            while device is not None:
+                yield device
+                device = device.parent
+
+
+# --- durations ------------------------------------------------------------------------------
+
+
+def parse_duration(value: object) -> float:
+    """Seconds in ``value``: "500ms", "3s", "2m", "1h", "1m30s", or a number of seconds.
+
+    Raises:
+        ValueError: with a message for the user.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, not {str(value).lower()}; {_DURATION_HELP}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        pos, seconds = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if text[pos : m.start()].strip():
+                break
+            seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            pos = m.end()
+        if not text or pos == 0 or text[pos:].strip():
+            raise ValueError(f"{value!r} is not a duration; {_DURATION_HELP}")
+    else:
+        raise ValueError(f"expected a duration, not {_type_name(value)}; {_DURATION_HELP}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a duration of zero or more seconds")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than a week; {_DURATION_HELP}")
+    return seconds
+
+
+# --- the file format (pydantic, at the boundary) -----------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _check_globs(value: object) -> object:
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list):
+        if not value:
+            raise PydanticCustomError(
+                "empty_list", "an empty list matches nothing", {"hint": "give at least one pattern"}
+            )
+        items = value
+    else:
+        raise PydanticCustomError(
+            "glob_type",
+            f"must be a pattern string or a list of them, not {_type_name(value)}",
+            {"hint": 'write e.g. "10DE:*" or ["30000", "38000"]'},
+        )
+    for item in items:
+        if not isinstance(item, str):
+            raise PydanticCustomError(
+                "glob_type",
+                f"list items must be pattern strings, not {_type_name(item)}",
+                {"hint": 'quote numbers: write "30000", not 30000'},
+            )
+        problem = glob_error(item)
+        if problem is not None:
+            raise PydanticCustomError("bad_glob", f"bad pattern {item!r}: {problem}")
+    return value
+
+
+def _check_duration(value: object) -> object:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise PydanticCustomError("duration", str(exc)) from None
+
+
+def _check_bool(value: object) -> object:
+    if not isinstance(value, bool):
+        raise PydanticCustomError(
+            "bool_type",
+            f"must be true or false, not {_type_name(value)}",
+            {"hint": "write true or false without quotes"},
+        )
+    return value
+
+
+_GLOBS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    ],
+    "description": "A shell glob (* ? [...]) matched ignoring ASCII case, or a list of globs "
+    "of which any may match. An absent value matches only the empty pattern.",
+}
+Globs = Annotated[str | list[str], PlainValidator(_check_globs), WithJsonSchema(_GLOBS_SCHEMA)]
+Duration = Annotated[
+    float,
+    PlainValidator(_check_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*([0-9]+(\.[0-9]+)?\s*(ms|s|m|h)\s*)+$"},
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
+            ],
+            "description": 'A duration: "500ms", "3s", "2m", "1h", "1m30s", or seconds.',
+        }
+    ),
+]
+Flag = Annotated[bool, PlainValidator(_check_bool), WithJsonSchema({"type": "boolean"})]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _nonempty(model: BaseModel, what: str, keys: Iterable[str]) -> None:
+    if all(getattr(model, k) is None for k in type(model).model_fields):
+        raise PydanticCustomError(
+            "empty_condition",
+            f"empty {what}: it would match anything",
+            {"hint": "give at least one of " + ", ".join(keys)},
+        )
+
+
+class DeviceMatch(_Model):
+    """``[rule.when.device]``: some udev device matches every key given here."""
+
+    subsystem: Globs | None = Field(None, description='udev subsystem, e.g. "pci", "net", "usb"')
+    devtype: Globs | None = Field(None, description='DEVTYPE, e.g. "usb_device", "wlan"')
+    driver: Globs | None = Field(None, description='bound driver; "" matches "no driver"')
+    sysname: Globs | None = Field(None, description='the last devpath component, e.g. "0-1"')
+    devpath: Globs | None = Field(None, description="the path below /sys, e.g. /devices/…")
+    properties: dict[str, Globs] | None = Field(
+        None, description="udev properties (udevadm info), KEY = pattern; all must match"
+    )
+    attributes: dict[str, Globs] | None = Field(
+        None, description='sysfs attributes, e.g. { boot_vga = "0" }; all must match'
+    )
+    tags: Globs | None = Field(None, description="udev tags; every listed tag must be present")
+    parent: DeviceMatch | None = Field(None, description="an ancestor matching these keys")
+
+    @field_validator("properties", "attributes", mode="after")
+    @classmethod
+    def _keys(cls, v: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        if not v:
+            raise PydanticCustomError(
+                "empty_table",
+                "an empty table tests nothing",
+                {"hint": "remove it, or add KEY = pattern entries"},
+            )
+        for key in v:
+            if info.field_name == "attributes" and (
+                not ATTRIBUTE_NAME.match(key) or ".." in key.split("/")
+            ):
+                raise PydanticCustomError(
+                    "attribute_name",
+                    f"{key!r} is not a sysfs attribute name",
+                    {"hint": 'attributes are paths below the device, e.g. "boot_vga"'},
+                )
+            if not key:
+                raise PydanticCustomError("empty_key", "a property name is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> DeviceMatch:
+        _nonempty(self, "device condition", DeviceMatch.model_fields)
+        return self
+
+
+class LinkMatch(_Model):
+    """``[rule.when.link]``: some network link matches every key given here."""
+
+    ifname: Globs | None = Field(None, description='interface name, e.g. "enp*", "wg0"')
+    kind: Globs | None = Field(None, description='link kind: "veth", "bridge", "wireguard"…')
+    operstate: Globs | None = Field(
+        None, description="RFC 2863 state: up, down, dormant, lowerlayerdown, unknown…"
+    )
+    carrier: Flag | None = Field(None, description="whether the link has carrier")
+    mac: Globs | None = Field(None, description='MAC address, e.g. "00:e0:4c:*"')
+
+    @field_validator("operstate", mode="after")
+    @classmethod
+    def _operstate(cls, v: str | list[str] | None) -> str | list[str] | None:
+        states = [s.value for s in OperState]
+        for item in [v] if isinstance(v, str) else v or []:
+            if not any(compile_glob(item).match(s) for s in states):
+                close = difflib.get_close_matches(item.lower(), states, n=1, cutoff=0.4)
+                raise PydanticCustomError(
+                    "operstate",
+                    f"{item!r} matches no operational state",
+                    {
+                        "hint": (f"did you mean `{close[0]}`? " if close else "")
+                        + "states: "
+                        + ", ".join(states),
+                    },
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> LinkMatch:
+        _nonempty(self, "link condition", LinkMatch.model_fields)
+        return self
+
+
+class When(_Model):
+    """A condition. Several keys in one table must all hold."""
+
+    device: DeviceMatch | None = Field(None, description="some udev device matches")
+    link: LinkMatch | None = Field(None, description="some network link matches")
+    all_: list[When] | None = Field(None, alias="all", description="every condition holds")
+    any_: list[When] | None = Field(None, alias="any", description="some condition holds")
+    not_: When | None = Field(None, alias="not", description="the condition does not hold")
+
+    @field_validator("all_", "any_", mode="after")
+    @classmethod
+    def _items(cls, v: list[When] | None) -> list[When] | None:
+        if v is not None and not v:
+            raise PydanticCustomError(
+                "empty_condition",
+                "an empty list of conditions",
+                {"hint": "give at least one condition, e.g. [[rule.when.all]] with a device"},
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> When:
+        _nonempty(self, "condition", ("device", "link", "all", "any", "not"))
+        return self
+
+
+class RuleModel(_Model):
+    """One ``[[rule]]``."""
+
+    name: str = Field(description="unique across all rule files", pattern=RULE_NAME.pattern)
+    description: str = ""
+    modules: list[str] = Field(min_length=1, description="modules wanted while the rule holds")
+    settle: Duration | None = Field(None, description="how long the condition must hold first")
+    linger: Duration | None = Field(None, description="how long the rule counts after it stops")
+    enabled: Flag = True
+    when: When
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: object) -> object:
+        if isinstance(v, str) and not RULE_NAME.match(v):
+            raise PydanticCustomError(
+                "rule_name",
+                f"{v!r} is not a rule name",
+                {"hint": "use 1-128 letters, digits and _ . + - (not starting with . + -)"},
+            )
+        return v
+
+    @field_validator("modules", mode="after")
+    @classmethod
+    def _modules(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not MODULE_NAME.match(name):
+                raise PydanticCustomError(
+                    "module_name",
+                    f"{name!r} is not a module name",
+                    {"hint": "module names are letters, digits and _ . + -"},
+                )
+        return v
+
+
+class RuleFile(_Model):
+    """A rule file: ``[[rule]]`` tables (TOML) or ``{"rule": [...]}`` (JSON)."""
+
+    model_config = ConfigDict(
+        title="runtime-modules rules",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    schema_: str | None = Field(None, alias="$schema", description="for editors; ignored")
+    rule: list[RuleModel] = Field(default_factory=list, description="the rules")
+
+
+class _Schema(GenerateJsonSchema):
+    # Optional keys are left out, never null (TOML has no null): no "null" branch in the schema.
+    def nullable_schema(self, schema: Any) -> Any:
+        return self.generate_inner(schema["schema"])
+
+
+def _drop_null_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _drop_null_defaults(v) for k, v in node.items() if not (k == "default" and v is None)
+        }
+    if isinstance(node, list):
+        return [_drop_null_defaults(v) for v in node]
+    return node
+
+
+def rules_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a rule file, for editors (``runtime-modules rules schema``)."""
+    schema: dict[str, Any] = _drop_null_defaults(
+        RuleFile.model_json_schema(by_alias=True, schema_generator=_Schema)
+    )
+    return schema
+
+
+# --- validation errors, for people ----------------------------------------------------------
+
+_DEVICE_KEYS = tuple(DeviceMatch.model_fields)
+_LINK_KEYS = tuple(LinkMatch.model_fields)
+_WHEN_KEYS = ("device", "link", "all", "any", "not")
+_RULE_KEYS = tuple(RuleModel.model_fields)
+_TOP_KEYS = ("rule", "$schema")
+# What people coming from udev rules or other tools write, and what we call it.
+_ALIASES = {
+    "kernel": "sysname",
+    "env": "properties",
+    "property": "properties",
+    "props": "properties",
+    "attr": "attributes",
+    "attrs": "attributes",
+    "sysattr": "attributes",
+    "tag": "tags",
+    "subsystems": "parent",
+    "drivers": "parent",
+    "interface": "ifname",
+    "name": "ifname",
+    "iface": "ifname",
+    "state": "operstate",
+    "address": "mac",
+    "type": "kind",
+    "module": "modules",
+    "rules": "rule",
+    "condition": "when",
+    "if": "when",
+    "and": "all",
+    "or": "any",
+    "disabled": "enabled",
+}
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> tuple[str, ...]:
+    """The keys allowed in the table at ``loc`` (a pydantic location without the bad key)."""
+    if len(loc) == 2 and loc[0] == "rule":
+        return _RULE_KEYS
+    last = loc[-1]
+    if last in ("device", "parent"):
+        return _DEVICE_KEYS
+    if last == "link":
+        return _LINK_KEYS
+    return _WHEN_KEYS
+
+
+def _suggest(key: str, allowed: Sequence[str]) -> str | None:
+    if key.lower() in allowed:
+        return f"did you mean `{key.lower()}`? keys are lower-case"
+    alias = _ALIASES.get(key.lower())
+    if alias in allowed:
+        return f"did you mean `{alias}`?"
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    if allowed is _DEVICE_KEYS and re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+        return f"udev properties go in a table: properties = {{ {key} = … }}"
+    if allowed is _RULE_KEYS and key in _WHEN_KEYS:
+        return f"conditions go under `when`: [rule.when.{key}]"
+    if allowed is _WHEN_KEYS and key in _DEVICE_KEYS:
+        return f"device keys go in a device table: [rule.when.device] {key} = …"
+    return "allowed keys: " + ", ".join(allowed)
+
+
+def _field(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_MESSAGES = {
+    "missing": "required key is missing",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+    "dict_type": "must be a table",
+    "too_short": "must not be empty",
+    "string_pattern_mismatch": "has characters that are not allowed",
+}
+
+
+def _problems_from(exc: ValidationError, raw: object, index: int, source: str) -> list[RuleProblem]:
+    """Problems for people from the errors of rule number ``index`` (0-based) of a file."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    # "#2" for the second [[rule]] table when it has no usable name.
+    rule = name if isinstance(name, str) and RULE_NAME.match(name) else f"#{index + 1}"
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        hint = (err.get("ctx") or {}).get("hint")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            message = f"unknown key `{key}`"
+            hint = _suggest(key, _keys_at(("rule", index, *loc[:-1])))
+        elif kind in _MESSAGES:
+            message = _MESSAGES[kind]
+            if kind == "missing" and loc == ("when",):
+                hint = "add a condition, e.g. [rule.when.device] with subsystem = …"
+            elif kind == "missing" and loc == ("modules",):
+                hint = 'e.g. modules = ["gaming"]'
+            elif kind == "too_short":
+                hint = hint or "give at least one item"
+        else:
+            message = err["msg"]
+        problems.append(RuleProblem(source, rule, _field(loc) or None, message, hint))
+    return problems
+
+
+def _depth_ok(data: object) -> bool:
+    stack: list[tuple[object, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return True
+
+
+# --- turning the models into values ---------------------------------------------------------
+
+
+def _pattern(value: str | list[str] | None) -> Pattern | None:
+    return None if value is None else Pattern.of(value)
+
+
+def _device(m: DeviceMatch) -> DeviceCondition:
+    tags: tuple[Pattern, ...] = ()
+    if m.tags is not None:
+        tags = tuple(Pattern.of(t) for t in ([m.tags] if isinstance(m.tags, str) else m.tags))
+    return DeviceCondition(
+        subsystem=_pattern(m.subsystem),
+        devtype=_pattern(m.devtype),
+        driver=_pattern(m.driver),
+        sysname=_pattern(m.sysname),
+        devpath=_pattern(m.devpath),
+        properties=tuple((k, Pattern.of(v)) for k, v in (m.properties or {}).items()),
+        attributes=tuple((k, Pattern.of(v)) for k, v in (m.attributes or {}).items()),
+        tags=tags,
+        parent=None if m.parent is None else _device(m.parent),
+    )
+
+
+def _link(m: LinkMatch) -> LinkCondition:
+    return LinkCondition(
+        ifname=_pattern(m.ifname),
+        kind=_pattern(m.kind),
+        operstate=_pattern(m.operstate),
+        carrier=m.carrier,
+        mac=_pattern(m.mac),
+    )
+
+
+def _condition(m: When) -> Condition:
+    parts: list[Condition] = []
+    if m.device is not None:
+        parts.append(_device(m.device))
+    if m.link is not None:
+        parts.append(_link(m.link))
+    if m.all_ is not None:
+        parts.append(AllOf(tuple(_condition(c) for c in m.all_)))
+    if m.any_ is not None:
+        parts.append(AnyOf(tuple(_condition(c) for c in m.any_)))
+    if m.not_ is not None:
+        parts.append(Not(_condition(m.not_)))
+    return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _decode(content: str | bytes | Mapping[str, Any], source: str) -> Any:
+    """The data in one file's content; raises RuleError naming the file and line."""
+    if isinstance(content, Mapping):
+        return content
+    if isinstance(content, bytes):
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RuleError(
+                [RuleProblem(source, None, None, f"not UTF-8 text (byte {exc.start})")]
+            ) from None
+    else:
+        text = content
+    text = text.removeprefix("\ufeff")
+    as_json = source.endswith(".json") or (
+        not source.endswith(".toml") and text.lstrip().startswith("{")
+    )
+    try:
+        return json.loads(text) if as_json else tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        message = f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+    except tomllib.TOMLDecodeError as exc:
+        message = f"not valid TOML: {exc}"
+    except RecursionError:
+        message = f"nested too deeply (more than {MAX_DEPTH} levels)"
+    except ValueError as exc:  # JSON numbers too long for int(), lone surrogates
+        message = f"not valid {'JSON' if as_json else 'TOML'}: {exc}"
+    raise RuleError([RuleProblem(source, None, None, message)])
+
+
+def _parse(
+    content: str | bytes | Mapping[str, Any],
+    source: str,
+    default_settle: float,
+    default_linger: float,
+) -> tuple[list[Rule], list[RuleProblem]]:
+    """The valid rules of one file, and the problems of the others.
+
+    Each ``[[rule]]`` is validated on its own, so one broken rule does not hide the duplicate
+    names or unknown modules of the rest of the file.
+    """
+    try:
+        data = _decode(content, source)
+    except RuleError as exc:
+        return [], exc.problems
+    if not isinstance(data, Mapping):
+        hint = 'a JSON rule file is an object: {"rule": [ … ]}'
+        return [], [RuleProblem(source, None, None, "must be a table of [[rule]]s", hint)]
+    if not _depth_ok(data):
+        message = f"nested too deeply (more than {MAX_DEPTH} levels)"
+        return [], [RuleProblem(source, None, None, message)]
+    problems = [
+        RuleProblem(source, None, str(key), f"unknown key `{key}`", _suggest(str(key), _TOP_KEYS))
+        for key in data
+        if key not in _TOP_KEYS
+    ]
+    if not isinstance(data.get("$schema", ""), str):
+        problems.append(RuleProblem(source, None, "$schema", "must be a string"))
+    items = data.get("rule", [])
+    if not isinstance(items, list):
+        hint = "write each rule as a [[rule]] table (JSON: a list of objects)"
+        return [], [*problems, RuleProblem(source, None, "rule", "must be a list of rules", hint)]
+    rules = []
+    for index, raw in enumerate(items):
+        try:
+            m = RuleModel.model_validate(raw, by_alias=True, by_name=False)
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, raw, index, source))
+            continue
+        rules.append(
+            Rule(
+                name=m.name,
+                description=m.description,
+                modules=tuple(dict.fromkeys(m.modules)),
+                settle=default_settle if m.settle is None else m.settle,
+                linger=default_linger if m.linger is None else m.linger,
+                enabled=m.enabled,
+                when=_condition(m.when),
+                source=source,
+            )
+        )
+    return rules, problems
+
+
+def _check_set(
+    rules: list[Rule], known_modules: frozenset[str] | None
+) -> tuple[list[Rule], list[RuleProblem]]:
+    """Rules with unique names and known modules, and the problems of the others."""
+    problems: list[RuleProblem] = []
+    first: dict[str, Rule] = {}
+    for r in rules:
+        if r.name in first:
+            other = first[r.name]
+            where = "earlier in this file" if other.source == r.source else f"in {other.source}"
+            problems.append(
+                RuleProblem(
+                    r.source,
+                    r.name,
+                    "name",
+                    f"duplicate rule name; it is already defined {where}",
+                    "rename one of them: names are unique across all rule files",
+                )
+            )
+            continue
+        first[r.name] = r
+        if known_modules is None:
+            continue
+        for module in r.modules:
+            if module not in known_modules:
+                close = difflib.get_close_matches(module, sorted(known_modules), n=1, cutoff=0.5)
+                if close:
+                    hint = f"did you mean `{close[0]}`?"
+                elif known_modules:
+                    hint = "known modules: " + ", ".join(sorted(known_modules))
+                else:
+                    hint = "the registry lists no modules"
+                problems.append(
+                    RuleProblem(
+                        r.source,
+                        r.name,
+                        f"modules[{r.modules.index(module)}]",
+                        f"unknown module `{module}` (not in the registry)",
+                        hint,
+                    )
+                )
+    return list(first.values()), problems
+
+
+def parse_rules(
+    content: str | bytes | Mapping[str, Any],
+    source: str,
+    *,
+    known_modules: frozenset[str] | None = None,
+    default_settle: float = 3.0,
+    default_linger: float = 30.0,
+) -> RuleSet:
+    """The rules in one file's content (TOML or JSON text, or already decoded data).
+
+    ``source`` names the file in errors; a name ending in ``.json`` is read as JSON, ``.toml`` as
+    TOML, anything else as JSON when it starts with ``{``.
+
+    Raises:
+        RuleError: with every problem found.
+    """
+    rules, problems = _parse(content, source, default_settle, default_linger)
+    rules, more = _check_set(rules, known_modules)
+    if problems or more:
+        raise RuleError(problems + more)
+    return RuleSet(tuple(rules), (source,))
+
+
+def rule_files(paths: Sequence[Path]) -> tuple[list[Path], list[RuleProblem]]:
+    """The files that ``paths`` name: files as given, folders as their ``*.toml``/``*.json``.
+
+    Hidden files (editor locks such as ``.#x.toml``) are skipped; order is by name within a
+    folder, so the error output and rule order are stable.
+    """
+    files: list[Path] = []
+    problems: list[RuleProblem] = []
+    for path in paths:
+        if path.is_dir():
+            try:
+                entries = sorted(path.iterdir())
+            except OSError as exc:
+                problems.append(RuleProblem(str(path), None, None, f"cannot list: {exc.strerror}"))
+                continue
+            files.extend(
+                p
+                for p in entries
+                if p.suffix in (".toml", ".json") and not p.name.startswith(".") and p.is_file()
+            )
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append(
+                RuleProblem(
+                    str(path),
+                    None,
+                    None,
+                    "no such file or folder",
+                    "give rule files (*.toml, *.json) or folders of them",
+                )
+            )
+    return files, problems
+
+
+def _read(path: Path) -> bytes | RuleProblem:
+    try:
+        with path.open("rb") as f:
+            content = f.read(MAX_FILE_SIZE + 1)
+    except OSError as exc:
+        return RuleProblem(str(path), None, None, f"cannot read: {exc.strerror}")
+    if len(content) > MAX_FILE_SIZE:
+        return RuleProblem(
+            str(path),
+            None,
+            None,
+            f"larger than {MAX_FILE_SIZE // 1024 // 1024} MiB; not a rule file",
+        )
+    return content
+
+
+def load_rules(
+    paths: Sequence[Path],
+    *,
+    known_modules: frozenset[str] | None = None,
+    default_settle: float = 3.0,
+    default_linger: float = 30.0,
+) -> RuleSet:
+    """Read and check every rule in ``paths`` (files, and folders of ``*.toml``/``*.json``).
+
+    Names must be unique across all files; with ``known_modules`` every module a rule names must
+    be one of them.
+
+    Raises:
+        RuleError: with every problem of every file.
+    """
+    files, problems = rule_files(paths)
+    rules: list[Rule] = []
+    for path in files:
+        content = _read(path)
+        if isinstance(content, RuleProblem):
+            problems.append(content)
+            continue
+        found, more = _parse(content, str(path), default_settle, default_linger)
+        rules.extend(found)
+        problems.extend(more)
+    rules, more = _check_set(rules, known_modules)
+    problems.extend(more)
+    if problems:
+        raise RuleError(problems)
+    return RuleSet(tuple(rules), tuple(str(p) for p in files))
