@@ -1015,10 +1015,3 @@ def _parse_response(raw: bytes) -> Response | None:
 
 
 _RESPONSE_TYPES = frozenset({"accepted", "progress", "done", "status", "ok", "event", "error"})
-
-
-def request_exit_code(response: Response) -> int:
-    """The CLI's exit code for a final answer."""
-    if isinstance(response, Done):
-        return response.exit_code
-    return int(ExitCode.OK)
