@@ -272,11 +272,14 @@ def _device_checks(c: DeviceCondition) -> list[Check]:
     return checks
 
 
-def _rank(candidates: Iterable[Any], checks: list[Check], name: Callable[[Any], str]) -> list[Any]:
+def _rank(
+    candidates: Iterable[Any], checks: list[Check], name: Callable[[Any], str], minimum: int = 1
+) -> list[Any]:
+    """The items matching the most checks (at least ``minimum``), best first, then by name."""
     scored = []
     for item in candidates:
         matched = sum(1 for check in checks if check[3](item))
-        if matched:
+        if matched >= minimum:
             scored.append((-matched, name(item), item))
     scored.sort(key=lambda s: (s[0], s[1]))
     return [item for _, _, item in scored[:MAX_CLOSEST]]
@@ -301,7 +304,9 @@ def _device_near_misses(c: DeviceCondition, world: World) -> tuple[NearMiss, ...
         subsystem = c.subsystem
         candidates = [d for d in candidates if subsystem.match(d.subsystem)]
     out = []
-    for d in _rank(candidates, checks, attrgetter("devpath")):
+    # Candidates already match the subsystem: only one that also matches another key is "close".
+    minimum = 2 if c.subsystem is not None and total > 1 else 1
+    for d in _rank(candidates, checks, attrgetter("devpath"), minimum):
         mismatches = tuple(
             Mismatch(key, wanted, get(d)) for key, wanted, get, test in checks if not test(d)
         )
@@ -363,7 +368,13 @@ def _report(c: Condition, world: World) -> ConditionReport:
         if not found and not closest:
             note = "no device matches any of these keys"
             if c.subsystem is not None:
-                note = f"there is no device with subsystem={c.subsystem}"
+                subsystem = c.subsystem
+                some = any(subsystem.match(d.subsystem) for d in world.devices.values())
+                note = (
+                    f"no device with subsystem={subsystem} matches any other key"
+                    if some
+                    else f"there is no device with subsystem={subsystem}"
+                )
         return ConditionReport("device", describe(c), bool(found), found, closest, note=note)
     if isinstance(c, LinkCondition):
         links: list[Link] = sorted(
