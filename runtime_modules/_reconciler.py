@@ -684,7 +684,10 @@ class Reconciler:
             else:
                 self._failing = flight.target
                 self._target_failures = 1
-            delay = min(self._backoff * 2 ** (self._failures - 1), self._backoff_cap)
+            # The exponent is bounded so that days of failures never overflow a float; 2**30
+            # times any sane backoff is far past any cap.
+            doublings = min(self._failures - 1, 30)
+            delay = min(self._backoff * 2**doublings, self._backoff_cap)
             self._retry_at = now + delay
             if self._target_failures >= self._max_attempts:
                 self._given_up = GivenUp(

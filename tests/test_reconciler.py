@@ -454,6 +454,21 @@ def test_backoff_is_capped() -> None:
     assert play(rec, [(105, failed(2))]) == [(105, ApplyScheduled(target=s("gaming"), at=255.0))]
 
 
+def test_days_of_failures_stay_at_the_cap() -> None:
+    # 1,200 failures in a row: far past where 5 * 2**n would overflow a float.
+    rec = Reconciler(max_attempts=10_000)
+    play(rec, [(0, loaded(GPU)), (0, holding(gpu=["a"]))], until=3.5)  # apply 1 at 3.5
+    t = 3.5
+    for n in range(1, 1200):
+        delay = min(5.0 * 2 ** min(n - 1, 10), 300.0)
+        retry = t + 1 + delay
+        assert rec.handle(failed(n), t + 1) == [ApplyScheduled(target=s("gaming"), at=retry)]
+        assert rec.tick(retry) == [
+            start(n + 1, s("gaming"), {"gaming": by_rules("gpu")}, attempt=n + 1)
+        ]
+        t = retry
+
+
 def test_a_change_of_the_world_lifts_the_give_up_but_keeps_the_backoff_delay() -> None:
     rec = Reconciler(max_attempts=1)
     play(rec, [(0, loaded(GPU, rule("dock", "virt", settle=0))), (0, holding(gpu=["a"]))])
@@ -1087,9 +1102,15 @@ def test_only_inputs_are_taken() -> None:
         (lambda: rule("r", "m", settle=-1), "settle of rule r"),
         (lambda: rule("r", "m", linger=math.inf), "linger of rule r"),
         (
-            lambda: RuleTiming(name="r", modules="gaming", settle=0, linger=0, fingerprint=""),
+            lambda: RuleTiming(
+                name="r",
+                modules="gaming",  # type: ignore[arg-type]
+                settle=0,
+                linger=0,
+                fingerprint="",
+            ),
             "set of",
-        ),  # type: ignore[arg-type]
+        ),
         (
             lambda: RuleTiming(
                 name="r", modules=frozenset({""}), settle=0, linger=0, fingerprint=""
@@ -1097,9 +1118,15 @@ def test_only_inputs_are_taken() -> None:
             "each of",
         ),
         (
-            lambda: RuleTiming(name="r", modules=s("m"), settle=0, linger=0, fingerprint=None),
+            lambda: RuleTiming(
+                name="r",
+                modules=s("m"),
+                settle=0,
+                linger=0,
+                fingerprint=None,  # type: ignore[arg-type]
+            ),
             "fingerprint",
-        ),  # type: ignore[arg-type]
+        ),
         (lambda: loaded(GPU, GPU), "loaded twice"),
         (lambda: RulesLoaded(rules=("gpu",)), "RuleTiming values"),  # type: ignore[arg-type]
         (lambda: ConditionsChanged(holding=[("gpu", ())]), "mapping"),  # type: ignore[arg-type]

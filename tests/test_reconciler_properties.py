@@ -132,8 +132,8 @@ class Driver:
             if isinstance(action, StartApply):
                 assert self.flight is None, "two applies in flight"
                 assert action.target == status.wanted
-                for module, reason in action.reasons.items():
-                    assert reason.wanted == (module in action.target)
+                for name, reason in action.reasons.items():
+                    assert reason.wanted == (name in action.target)
                 if self.data is None:
                     duration, ok = 1.0, True
                 else:
