@@ -454,7 +454,7 @@ class Daemon:
 
     def step(self, timeout: float | None = None) -> None:
         """One round: wait for the next event or timer (at most ``timeout`` s), handle it."""
-        wait = self._timeout()
+        wait = self.wait_time()
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
         for key, mask in self.selector.select(wait):
@@ -473,7 +473,8 @@ class Daemon:
             self.step(left)
         return True
 
-    def _timeout(self) -> float | None:
+    def wait_time(self) -> float | None:
+        """Seconds until the next timer is due (0: now), or None when idle: no timer at all."""
         waits: list[float] = []
         if self.pipeline is not None and not self.stopping:
             wake = self.reconciler.next_wakeup

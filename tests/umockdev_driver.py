@@ -12,6 +12,7 @@ real libudev monitor. One JSON request per line on stdin, one JSON reply per lin
     {"op": "uevent", "syspath": ..., "action": "change", "count": 1}
     {"op": "remove", "syspath": ...}   (a "remove" uevent, then the device leaves /sys)
     {"op": "spawn", "argv": [...], "log": PATH}   -> {"pid": N}  (a child sharing the testbed)
+    {"op": "wait", "pid": N, "timeout": 30}       -> {"returncode": 0}
     {"op": "source", "subsystems": [...] | null, "attributes": []}
         -> {"coldplug": [device, ...]}   (a UdevSource in this process)
     {"op": "read", "timeout": 1.0, "min": 1} -> {"changes": [change, ...]}
@@ -93,6 +94,9 @@ class Driver:
         if "--own-netns" in sys.argv[1:]:
             _raise_qlen()
         self.testbed = UMockdev.Testbed.new()
+        # The testbed sets UMOCKDEV_DIR in the C environment only; children started with an
+        # explicit env (spawn) must get it from os.environ to find the testbed.
+        os.environ["UMOCKDEV_DIR"] = self.testbed.get_root_dir()
         self.children: list[subprocess.Popen[bytes]] = []
         self.source: Any = None
 
@@ -132,6 +136,11 @@ class Driver:
                 )
             self.children.append(child)
             return {"pid": child.pid}
+        if op == "wait":
+            for child in self.children:
+                if child.pid == req["pid"]:
+                    return {"returncode": child.wait(timeout=float(req.get("timeout", 30)))}
+            raise ValueError(f"no child with pid {req['pid']}")
         if op == "source":
             import pyudev
 

@@ -1,0 +1,368 @@
+"""The daemon with real parts: netlink in a namespace of the test's, umockdev uevents through a
+real libudev monitor, the real applier against the fake nixos-rebuild, and real journald.
+
+In-process tests drive ``Daemon.step``; the umockdev ones run ``runtime-modules watch`` itself
+under the testbed driver and watch it from outside (notify socket, state file, the fake's
+record of nixos-rebuild runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime_modules._daemon import ActionTaken, ApplyDone, Daemon, DecisionTimes, Notice
+from runtime_modules._journal import Journal, JournalEvent
+from runtime_modules._notify import Notifier
+from runtime_modules._reconciler_events import StartApply
+from runtime_modules._state import load_state
+from tests.fixtures.applier import FakeSystem
+from tests.fixtures.daemon import LINK_RULE, NotifyListener, UmockdevBed
+from tests.fixtures.system import REPO, ip_netns, journal_entries
+
+pytestmark = pytest.mark.root
+
+
+def _rule(settle: float = 0.2, linger: float = 1.0) -> str:
+    return LINK_RULE.format(settle=settle, linger=linger)
+
+
+def _veth(netns: str, up: bool) -> None:
+    ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    if up:
+        ip_netns(netns, "link", "set", "va", "up")
+        ip_netns(netns, "link", "set", "vb", "up")
+
+
+def _starts(fake: FakeSystem) -> int:
+    return len(fake.records("start"))
+
+
+def _settle_down(daemon: Daemon, seconds: float) -> None:
+    """Let the daemon run for ``seconds`` whatever happens (to show that nothing more does)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        daemon.step(left)
+
+
+# --- in-process: netlink in the test's namespace ------------------------------------------------
+
+
+def test_idle_daemon_has_no_timer_at_all(make_daemon: Any, netns: str) -> None:
+    daemon = make_daemon(_rule(), notifier=Notifier({}))
+    assert daemon.wait_time() is None  # nothing pending: select() blocks with no timeout
+    _veth(netns, up=True)
+    daemon.run_until(lambda: daemon.wait_time() is not None, 5)
+    assert daemon.wait_time() is not None  # settling: one timer, for the settle deadline
+
+
+def test_link_up_applies_once_after_settle(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    decisions: list[DecisionTimes] = []
+    daemon = make_daemon(_rule(settle=0.3), on_decision=decisions.append)
+    _veth(netns, up=True)
+    up_at = time.time()
+    assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+    (start,) = fake_system.records("start")
+    assert start["time"] - up_at >= 0.3  # not before the settle
+    assert load_state(fake_system.settings).applied == {"virtualization"}
+    assert decisions and all(d.decided >= d.received for d in decisions)
+    _settle_down(daemon, 0.5)
+    assert _starts(fake_system) == 1
+
+
+def test_nic_flapping_fifty_times_makes_at_most_one_apply(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    _veth(netns, up=False)
+    ip_netns(netns, "link", "set", "va", "up")
+    daemon = make_daemon(_rule(settle=0.3, linger=1.0))
+    # 50 flaps in 5 s: the peer goes down and up every 0.1 s, so va is up 50 ms at a time.
+    script = (
+        "for i in $(seq 50); do "
+        f"ip -n {netns} link set vb down; sleep 0.05; ip -n {netns} link set vb up; sleep 0.05; "
+        "done"
+    )
+    flapper = subprocess.Popen(["sh", "-c", script])
+    try:
+        daemon.run_until(lambda: flapper.poll() is not None, 20)
+    finally:
+        flapper.wait()
+    assert daemon.stats["netlink_changes"] >= 100  # the flapping reached the daemon
+    assert _starts(fake_system) == 0  # never up for a whole settle while flapping
+    _settle_down(daemon, 1.0)  # it ends up: one apply
+    assert _starts(fake_system) <= 1
+    assert daemon.applied == {"virtualization"}
+
+
+def test_restart_with_everything_present_applies_nothing(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    _veth(netns, up=True)
+    first = make_daemon(_rule(settle=0.1))
+    assert first.run_until(lambda: first.applied == {"virtualization"}, 10)
+    first.stop()
+    first.close()
+    assert _starts(fake_system) == 1
+
+    second = make_daemon()
+    _settle_down(second, 0.6)  # past settle and quiet: an apply would have started
+    assert _starts(fake_system) == 1
+    snapshot = second.snapshot()
+    assert snapshot.applied == snapshot.wanted == {"virtualization"}
+
+
+@pytest.mark.usefixtures("journald")
+def test_broken_rules_on_sighup_keep_the_old_ones_and_say_why(
+    make_daemon: Any, netns: str, journal_tag: str, tmp_path: Path
+) -> None:
+    daemon = make_daemon(_rule(settle=0.1), journal=Journal(identifier=journal_tag))
+    (tmp_path / "rules.toml").write_text('[[rule]]\nname = "x"\nmodules = "not a list"\n')
+    daemon.signal(signal.SIGHUP)
+    daemon.step(1)
+    assert [r.name for r in daemon.rules.rules] == ["lab-link-up"]
+    entries = journal_entries(
+        SYSLOG_IDENTIFIER=journal_tag, MESSAGE_ID=JournalEvent.RULES_REJECTED.message_id
+    )
+    assert len(entries) == 1
+    assert "rules.toml" in entries[0]["MESSAGE"] and "keeping the 1 loaded" in entries[0]["MESSAGE"]
+    # ... and the old rules still work
+    _veth(netns, up=True)
+    assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+
+    (tmp_path / "rules.toml").write_text(_rule(settle=0.1).replace("lab-link-up", "renamed"))
+    daemon.signal(signal.SIGHUP)
+    daemon.step(1)
+    assert [r.name for r in daemon.rules.rules] == ["renamed"]
+    assert journal_entries(
+        SYSLOG_IDENTIFIER=journal_tag, MESSAGE_ID=JournalEvent.RULES_RELOADED.message_id
+    )
+
+
+def test_failing_apply_backs_off_then_succeeds(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    fake_system.control(mode="fail")
+    daemon = make_daemon(_rule(settle=0.1))
+    _veth(netns, up=True)
+    assert daemon.run_until(lambda: daemon.stats["failed_applies"] >= 2, 10)
+    fake_system.control(mode="ok")
+    assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+    starts = [r["time"] for r in fake_system.records("start")]
+    assert len(starts) >= 3
+    # backoff 0.2 s, then 0.4 s (the cap): each retry waits at least the delay
+    assert starts[1] - starts[0] >= 0.2 and starts[2] - starts[1] >= 0.4
+    assert load_state(fake_system.settings).applied == {"virtualization"}
+
+
+def test_sigterm_during_an_apply_cancels_and_rolls_back(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    fake_system.control(mode="hang")
+    daemon = make_daemon(_rule(settle=0.1), stop_timeout=0.3)
+    _veth(netns, up=True)
+    assert daemon.run_until(lambda: bool(fake_system.records("hang")), 10)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.run_until(lambda: daemon.stopped, 30)
+    state = load_state(fake_system.settings)
+    assert state.applied == frozenset() and state.in_progress is None
+    assert fake_system.current() == fake_system.initial_system.resolve()
+
+
+def test_sigterm_lets_a_short_apply_finish(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    fake_system.control(sleep=0.5)
+    done: list[Notice] = []
+    daemon = make_daemon(_rule(settle=0.1), stop_timeout=20)
+    daemon.subscribe(done.append)
+    _veth(netns, up=True)
+    assert daemon.run_until(lambda: bool(fake_system.records("evaluated")), 10)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.run_until(lambda: daemon.stopped, 30)
+    assert load_state(fake_system.settings).applied == {"virtualization"}
+    assert [n.ok for n in done if isinstance(n, ApplyDone)] == [True]
+
+
+def test_netlink_overrun_is_recovered_by_re_enumeration(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    daemon = make_daemon(_rule(settle=0.1), netlink_receive_buffer=1)
+    _veth(netns, up=False)
+    for _ in range(10):  # far more than the smallest receive buffer holds, unread
+        ip_netns(netns, "link", "set", "va", "up")
+        ip_netns(netns, "link", "set", "va", "down")
+    ip_netns(netns, "link", "set", "va", "up")
+    ip_netns(netns, "link", "set", "vb", "up")
+    assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+    assert daemon.stats["resyncs"] >= 1
+    assert _starts(fake_system) == 1
+
+
+def test_watchdog_pings_at_half_the_period(make_daemon: Any, notify_socket: NotifyListener) -> None:
+    notifier = Notifier({**notify_socket.env(), "WATCHDOG_USEC": "200000"})
+    daemon = make_daemon(_rule(), notifier=notifier)
+    notify_socket.wait_for("READY", "1")
+    assert daemon.wait_time() is not None and daemon.wait_time() <= 0.1
+    daemon.step(1)
+    notify_socket.wait_for("WATCHDOG", "1", timeout=1)
+
+
+def test_dry_run_prints_each_decision(
+    make_daemon: Any, netns: str, fake_system: FakeSystem, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.txt"
+    with out.open("w") as stream:
+        daemon = make_daemon(_rule(settle=0.1, linger=0.2), dry_run=True, out=stream)
+        _veth(netns, up=True)
+        assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+        ip_netns(netns, "link", "set", "vb", "down")
+        assert daemon.run_until(lambda: daemon.applied == frozenset(), 10)
+    lines = out.read_text().splitlines()
+    text = "\n".join(lines)
+    assert "rule lab-link-up holds (va)" in text
+    assert "rule lab-link-up activated (va)" in text
+    assert "apply #1 would start: {virtualization} (+virtualization)" in text
+    assert "rule lab-link-up lingering" in text
+    assert "apply #2 would start: {base system} (-virtualization)" in text
+    assert _starts(fake_system) == 0  # nixos-rebuild never ran
+
+
+def test_listeners_see_actions_in_order(make_daemon: Any, netns: str) -> None:
+    seen: list[Notice] = []
+    daemon = make_daemon(_rule(settle=0.1))
+    daemon.subscribe(seen.append)
+    _veth(netns, up=True)
+    assert daemon.run_until(lambda: any(isinstance(n, ApplyDone) for n in seen), 10)
+    kinds = [type(n.action).__name__ for n in seen if isinstance(n, ActionTaken)]
+    assert kinds[:3] == ["RuleSettling", "RuleActivated", "ApplyScheduled"]
+    assert kinds[-1] == "StartApply"
+    starts = [n.action for n in seen if isinstance(n, ActionTaken)]
+    assert sum(isinstance(a, StartApply) for a in starts) == 1
+
+
+# --- out of process: `runtime-modules watch` under a umockdev testbed ---------------------------
+
+GPU_RULE = """
+[[rule]]
+name = "egpu"
+modules = ["gaming"]
+settle = "0.3s"
+linger = "1s"
+[rule.when.device]
+subsystem = "pci"
+properties = { PCI_ID = "10DE:*" }
+"""
+
+DOCK_RULE = """
+[[rule]]
+name = "dock"
+modules = ["virtualization"]
+settle = "0.2s"
+linger = "1.5s"
+[rule.when.device]
+subsystem = "usb"
+properties = { PRODUCT = "2109/2822/*" }
+"""
+
+
+def _watch(
+    bed: UmockdevBed,
+    fake: FakeSystem,
+    notify: NotifyListener,
+    rules: str,
+    tmp_path: Path,
+) -> int:
+    path = tmp_path / "rules.toml"
+    path.write_text(rules)
+    env = {**fake.env, **notify.env(), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "runtime_modules", "watch", "--rules", str(path)]
+    pid = bed.spawn(argv, tmp_path / "watch.log", env=env)
+    notify.wait_for("READY", "1")
+    return pid
+
+
+def _wait(done: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _applied(fake: FakeSystem) -> frozenset[str]:
+    return load_state(fake.settings).applied
+
+
+def _stop(bed: UmockdevBed, pid: int) -> int:
+    os.kill(pid, signal.SIGTERM)
+    return int(bed.call("wait", pid=pid, timeout=30)["returncode"])
+
+
+@pytest.mark.umockdev
+def test_gpu_added_applies_gaming_once_after_settle(
+    umockdev_bed: UmockdevBed,
+    fake_system: FakeSystem,
+    notify_socket: NotifyListener,
+    tmp_path: Path,
+) -> None:
+    pid = _watch(umockdev_bed, fake_system, notify_socket, GPU_RULE, tmp_path)
+    added = time.time()
+    umockdev_bed.add("pci", "gpu0", properties={"PCI_ID": "10DE:1DB2", "PCI_CLASS": "30000"})
+    assert _wait(lambda: _applied(fake_system) == {"gaming"})
+    (start,) = fake_system.records("start")
+    assert start["time"] - added >= 0.3
+    time.sleep(0.8)  # past settle + quiet again: nothing more happens
+    assert _starts(fake_system) == 1
+    status = notify_socket.wait_for("STATUS")["STATUS"]
+    assert "1 rules" in status
+    assert _stop(umockdev_bed, pid) == 0
+    notify_socket.wait_for("STOPPING", "1")
+
+
+@pytest.mark.umockdev
+def test_dock_replugged_within_linger_causes_no_churn(
+    umockdev_bed: UmockdevBed,
+    fake_system: FakeSystem,
+    notify_socket: NotifyListener,
+    tmp_path: Path,
+) -> None:
+    pid = _watch(umockdev_bed, fake_system, notify_socket, DOCK_RULE, tmp_path)
+    hub = {"PRODUCT": "2109/2822/9013", "DEVTYPE": "usb_device"}
+    dock = umockdev_bed.add("usb", "1-2", properties=hub)
+    assert _wait(lambda: _applied(fake_system) == {"virtualization"})
+    umockdev_bed.remove(dock)
+    time.sleep(0.3)  # unplugged for a moment, well within the linger of 1.5 s
+    umockdev_bed.add("usb", "1-2", properties=hub)
+    time.sleep(2.0)  # past the linger the first unplug started
+    assert _starts(fake_system) == 1
+    assert _applied(fake_system) == {"virtualization"}
+    assert _stop(umockdev_bed, pid) == 0
+
+
+@pytest.mark.umockdev
+def test_storm_of_one_thousand_uevents_makes_one_apply(
+    umockdev_bed: UmockdevBed,
+    fake_system: FakeSystem,
+    notify_socket: NotifyListener,
+    tmp_path: Path,
+) -> None:
+    pid = _watch(umockdev_bed, fake_system, notify_socket, GPU_RULE, tmp_path)
+    gpu = umockdev_bed.add("pci", "gpu0", properties={"PCI_ID": "10DE:1DB2"})
+    umockdev_bed.add("pci", "nic0", properties={"PCI_ID": "8086:1533"})
+    umockdev_bed.uevent(gpu, "change", count=1000)
+    assert _wait(lambda: _applied(fake_system) == {"gaming"})
+    time.sleep(0.8)
+    assert _starts(fake_system) == 1
+    assert _stop(umockdev_bed, pid) == 0
+    assert json.loads(json.dumps(fake_system.state_json()))["applied"] == ["gaming"]
