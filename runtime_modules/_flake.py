@@ -59,7 +59,7 @@ _TEMPLATE = """\
 
 def base_url_literal(url: str) -> str:
     """The base flake reference as a Nix string literal; refuses anything Nix could read as code."""
-    if not FLAKE_REF.match(url) or "${" in url:
+    if not FLAKE_REF.fullmatch(url) or "${" in url:
         raise ConfigError(
             f"base flake reference {url!r} contains characters a flake reference cannot have; "
             "fix `flake` in the registry (services.runtimeModules.flake / flakeUrl)"
@@ -72,7 +72,7 @@ def render_flake(base_url: str) -> str:
 
 
 def render_enabled(host: str, modules: Iterable[str]) -> str:
-    if not HOST_NAME.match(host):
+    if not HOST_NAME.fullmatch(host):
         raise ConfigError(f"host {host!r} is not a nixosConfigurations name; fix the registry")
     return json.dumps({"host": host, "modules": sorted(set(modules))}, ensure_ascii=False) + "\n"
 

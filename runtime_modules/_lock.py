@@ -70,14 +70,30 @@ def process_alive(pid: int, start_time: int | None) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
-    """True when any process is left in process group ``pgid``."""
+    """True when a process (not a zombie) is left in process group ``pgid``.
+
+    Zombies count as members for the kernel until their parent reaps them; an orphan's parent
+    is init, which may take a while (a container's init reaps about once a second), and a
+    zombie holds no descriptor (no lock) and runs nothing.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[-1].split()
+        except OSError:
+            continue
+        # After the command name: state (field 3), ppid (4), pgrp (5); proc(5).
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+            return True
+    return False
 
 
 def read_holder(path: Path) -> LockHolder | None:

@@ -148,10 +148,10 @@ def dump_state(state: State) -> bytes:
 
 def parse_state(data: bytes) -> State:
     """Validate state file bytes; raises ValueError with a one-line reason."""
-    if not data.strip():
-        raise ValueError("the file is empty")
     if len(data) > MAX_STATE_BYTES:
         raise ValueError(f"the file is over {MAX_STATE_BYTES // (1024 * 1024)} MiB")
+    if not data.strip():
+        raise ValueError("the file is empty")
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -2,7 +2,8 @@
 # temporary folder next to a base.json). It has what the generated flake uses of a NixOS system:
 # `config.services.runtimeModules.internal.moduleImports` (one import per module, a marker
 # carrying the module's name) and an `extendModules` whose result records, in
-# `config.runtimeModulesStub.arrived`, exactly which imports reached it.
+# `config.runtimeModulesStub.arrived`, exactly which imports reached it; `baseVersion` tells
+# which copy of the base was evaluated (the pinning test changes it).
 {
   description = "Stub base system for the runtime-modules tests";
 
@@ -19,6 +20,7 @@
         config = {
           services.runtimeModules.internal.moduleImports = moduleImports;
           runtimeModulesStub.arrived = arrived;
+          runtimeModulesStub.baseVersion = spec.version or 1;
         };
         extendModules = { modules ? [ ], ... }: system (arrived ++ modules);
       };
