@@ -141,7 +141,7 @@ def test_events_streams_like_udevadm_monitor(daemon: Running) -> None:
         assert eventually(lambda: daemon.loop.call(lambda: daemon.server.subscribers) == 1, 10)
         for kind, text in (("device", "add /devices/pci0000:00/egpu"), ("rule", "egpu: active")):
             event = EventMessage(time=time.time(), kind=kind, text=text)
-            daemon.loop.call(lambda e=event: daemon.server.broadcast(e))  # type: ignore[misc]
+            daemon.loop.call(lambda e=event: daemon.server.broadcast(e))
         assert proc.stdout is not None
         first, second = proc.stdout.readline(), proc.stdout.readline()
         assert first.split(maxsplit=1)[1] == "DEVICE   add /devices/pci0000:00/egpu\n"
