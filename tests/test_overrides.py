@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +30,8 @@ from runtime_modules._overrides import (
 from runtime_modules._reconciler import Reconciler
 from runtime_modules._settings import Settings
 
+REPO = Path(__file__).resolve().parents[1]
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 T0 = 1_800_000_000.0  # a fixed wall-clock "now" (2027-01-15)
 ROOT = OverrideSource(uid=0, user="root", command="enable gaming")
 
@@ -227,11 +233,12 @@ def test_unreadable_file_warns_and_does_not_crash(
 def test_full_disk_leaves_the_previous_file(store: OverrideStore, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tiny tmpfs needs root")
-    import subprocess
-
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], check=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)]
+    proc = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
         small = OverrideStore(mnt / "overrides.json", mnt / "p.json")
         small.pin(["a"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0)
@@ -253,42 +260,46 @@ def test_full_disk_leaves_the_previous_file(store: OverrideStore, tmp_path: Path
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_unprivileged_writer_gets_a_clear_message(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make a directory only root may write")
-    import subprocess
-    import sys
-
-    run = tmp_path / "run"
-    run.mkdir()
-    os.chmod(tmp_path, 0o755)
+def test_unprivileged_writer_gets_a_clear_message() -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to write as nobody")
     code = (
         "import sys; from pathlib import Path\n"
-        "from runtime_modules._overrides import *\n"
+        "from runtime_modules._overrides import OverrideStore\n"
         "s = OverrideStore(Path(sys.argv[1]) / 'overrides.json', Path(sys.argv[1]) / 'p.json')\n"
         "try:\n"
         "    s.set_paused(True, now=0.0)\n"
         "except Exception as e:\n"
         "    print(type(e).__name__, e)\n"
     )
-    out = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            code,
-            str(run),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parents[1],
-    ).stdout
-    assert out.startswith(PermissionDeniedError.__name__)
-    assert "needs root; run the command with sudo" in out
+    # A directory nobody may enter and list but not write, as /run/runtime-modules is.
+    run = Path(tempfile.mkdtemp(prefix="rmovr-", dir="/tmp"))
+    try:
+        run.chmod(0o755)
+        proc = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                code,
+                str(run),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+    finally:
+        shutil.rmtree(run)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(PermissionDeniedError.__name__)
+    assert "overrides.json.lock: changing overrides needs root; run the command with sudo" in (
+        proc.stdout
+    )
 
 
 # --- clocks --------------------------------------------------------------------------------
