@@ -1,0 +1,299 @@
+"""The module verbs of the CLI: list, status, enable, disable, reset, rebuild."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime_modules._cli import main
+from runtime_modules._errors import ExitCode
+from runtime_modules._lock import ApplyLock
+from runtime_modules._state import ModuleStatus, load_state
+from tests.fixtures.applier import FakeSystem, Tmpfs
+from tests.fixtures.system import REPO
+
+LIST_KEYS = ["name", "description", "state", "applied"]
+STATUS_KEYS = [
+    "version",
+    "host",
+    "system",
+    "applied",
+    "modules",
+    "last_apply",
+    "in_progress",
+    "lock",
+    "uncertain",
+    "warnings",
+]
+MODULE_KEYS = [*LIST_KEYS, "message", "since", "kernel_changes"]
+RECORD_KEYS = [
+    "apply_id",
+    "started",
+    "duration",
+    "result",
+    "reason",
+    "before",
+    "after",
+    "target",
+    "system_before",
+    "system_after",
+    "log_path",
+    "message",
+]
+
+
+@pytest.fixture
+def cli(fake_system: FakeSystem, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
+    """The fake machine, with the CLI's settings in the environment (journald not used)."""
+    for key, value in fake_system.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(
+        "runtime_modules._cli._modules._journal", lambda settings: fake_system.journal()
+    )
+    return fake_system
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_text_and_json(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "list")
+    assert code == ExitCode.OK
+    assert out.splitlines() == [
+        "gaming          disabled  the gaming module",
+        "podman          disabled  the podman module",
+        "virtualization  disabled  the virtualization module",
+    ]
+    assert run(capsys, "enable", "podman")[0] == ExitCode.OK
+    code, out, _ = run(capsys, "list", "--json")
+    data = json.loads(out)
+    assert list(data) == ["version", "host", "modules"]
+    assert data["version"] == 1 and data["host"] == "testhost"
+    assert [list(m) for m in data["modules"]] == [LIST_KEYS] * 3
+    assert data["modules"][1] == {
+        "name": "podman",
+        "description": "the podman module",
+        "state": "enabled",
+        "applied": True,
+    }
+
+
+def test_status_json_shape(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "status", "--json")
+    data = json.loads(out)
+    assert code == ExitCode.OK and list(data) == STATUS_KEYS
+    assert data["last_apply"] is None and data["applied"] == []
+    run(capsys, "enable", "gaming")
+    code, out, _ = run(capsys, "status", "--json", "gaming")
+    data = json.loads(out)
+    assert [m["name"] for m in data["modules"]] == ["gaming"]
+    assert list(data["modules"][0]) == MODULE_KEYS
+    assert list(data["last_apply"]) == RECORD_KEYS
+    assert data["last_apply"]["result"] == "succeeded"
+    assert data["last_apply"]["after"] == ["gaming"]
+    assert data["system"] == str(cli.current())
+    assert data["lock"] is None and data["in_progress"] is None and data["warnings"] == []
+
+
+def test_status_text_and_warnings(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.write_registry(
+        [
+            {"name": "gaming", "description": "g", "kernel_changes": ["boot.kernelModules"]},
+            {"name": "podman"},
+        ]
+    )
+    run(capsys, "enable", "gaming")
+    cli.control(mode="fail")
+    assert run(capsys, "enable", "podman")[0] == ExitCode.FAILURE
+    lock = ApplyLock(cli.settings.lock_file)
+    lock.acquire(apply_id="held-7", command="runtime-modules daemon")
+    try:
+        code, out, _ = run(capsys, "status")
+    finally:
+        lock.release()
+    assert code == ExitCode.OK
+    lines = out.splitlines()
+    assert lines[1] == "applied: gaming"
+    assert lines[2] == "  gaming  enabled"
+    assert lines[3].startswith("  podman  failed  could not enable podman")
+    assert "failed" in lines[4] and lines[5].startswith("  could not enable podman")
+    assert any(f"applying now: apply held-7 by pid {os.getpid()}" in ln for ln in lines)
+    assert any("gaming changes boot.kernelModules" in ln for ln in lines)
+
+
+def test_unknown_module_suggests(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    for verb in ("enable", "disable", "status"):
+        code, out, err = run(capsys, verb, "gamng")
+        assert code == ExitCode.USAGE and out == ""
+        assert err == (
+            "runtime-modules: unknown module 'gamng'; did you mean 'gaming'? "
+            "(see `runtime-modules list`)\n"
+        )
+    assert cli.records() == []
+
+
+def test_enable_disable_reset_rebuild(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "enable", "gaming", "podman")
+    assert code == ExitCode.OK
+    assert out.startswith("enabled gaming, podman (apply ")
+    assert "activating" in err  # the rebuild's output, streamed to stderr
+    assert cli.current_imports() == ["gaming", "podman"]
+    code, out, _ = run(capsys, "enable", "gaming")
+    assert out == "nothing to do: gaming, podman already applied\n"
+    code, out, _ = run(capsys, "disable", "gaming")
+    assert out.startswith("disabled gaming")
+    assert cli.current_imports() == ["podman"]
+    code, out, _ = run(capsys, "rebuild")
+    assert code == ExitCode.OK and out.startswith("rebuilt with podman")
+    code, out, _ = run(capsys, "reset")
+    assert out.startswith("disabled podman") and cli.current_imports() == []
+    assert len(cli.records("start")) == 4
+    state = load_state(cli.settings)
+    assert state.last_apply is not None
+    assert state.last_apply.reason == "reset (runtime-modules by root)"
+
+
+def test_flags_before_and_after_the_verb(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    other = tmp_path / "other-state"
+    assert run(capsys, "--state-dir", str(other), "enable", "gaming")[0] == ExitCode.OK
+    assert load_state(cli.settings.with_(state_dir=other)).applied == {"gaming"}
+    assert not cli.settings.state_file.exists()
+    code, out, _ = run(capsys, "status", "--json", "--state-dir", str(other))
+    assert code == ExitCode.OK and json.loads(out)["applied"] == ["gaming"]
+
+
+def test_failures_exit_codes_and_one_line(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli.control(mode="fail")
+    code, out, err = run(capsys, "enable", "gaming")
+    assert code == ExitCode.FAILURE and out == ""
+    last = err.splitlines()[-1]
+    assert last.startswith("runtime-modules: could not enable gaming: nixos-rebuild exited")
+    assert "rolled back to" in last and "full log: " in last
+
+    cli.control(mode="hang")
+    code, _, err = run(capsys, "enable", "gaming", "--timeout", "1s")
+    assert code == ExitCode.FAILURE
+    assert "timed out after 1 s" in err.splitlines()[-1]
+
+    cli.control(mode="fail")
+    cli.switch_fails()
+    code, _, err = run(capsys, "enable", "podman")
+    assert code == ExitCode.ROLLBACK_FAILED
+    assert "run `runtime-modules rebuild`" in err.splitlines()[-1]
+    cli.switch_fails(False)
+
+    hooks = cli.settings.hooks_dir / "pre-apply.d"
+    hooks.mkdir(parents=True)
+    (hooks / "deny").write_text("#!/bin/sh\necho 'not on battery'\nexit 1\n")
+    (hooks / "deny").chmod(0o755)
+    code, _, err = run(capsys, "enable", "podman")
+    assert code == ExitCode.VETOED
+    assert err.splitlines()[-1].endswith("on battery (%s); nothing changed" % (hooks / "deny"))
+    code, out, _ = run(capsys, "status", "--json")
+    assert json.loads(out)["last_apply"]["result"] == "vetoed"
+
+
+def test_bad_timeout_is_a_usage_error(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "enable", "gaming", "--timeout", "soon")
+    assert code == ExitCode.USAGE and err.startswith("runtime-modules: --timeout: 'soon'")
+    assert cli.records() == []
+
+
+def test_no_wait_names_the_holder(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    lock = ApplyLock(cli.settings.lock_file)
+    lock.acquire(apply_id="busy-1", command="runtime-modules enable podman")
+    try:
+        code, _, err = run(capsys, "enable", "gaming", "--no-wait")
+    finally:
+        lock.release()
+    assert code == ExitCode.BUSY
+    assert f"pid {os.getpid()} (runtime-modules enable podman), apply busy-1" in err
+    assert "drop --no-wait" in err
+
+
+def test_dry_run(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "enable", "gaming", "--dry-run")
+    assert code == ExitCode.OK and out.startswith("dry run: would enable gaming")
+    assert cli.records() == []
+    assert load_state(cli.settings).module_status("gaming").status is ModuleStatus.ENABLED
+
+
+def _cli_process(cli: FakeSystem, *argv: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, **cli.env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "runtime_modules", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_two_concurrent_enables_take_turns_and_both_land(cli: FakeSystem) -> None:
+    cli.control(sleep=0.3)  # each rebuild takes a while, so the two would overlap
+    first = _cli_process(cli, "enable", "gaming")
+    second = _cli_process(cli, "enable", "podman")
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == ExitCode.OK, err
+        assert out.startswith("enabled "), out
+    runs = [(r["time"], r["event"]) for r in cli.records() if r["event"] in ("start", "end")]
+    assert [e for _, e in sorted(runs)] == ["start", "end", "start", "end"]  # never two at once
+    assert load_state(cli.settings).applied == {"gaming", "podman"}
+    assert cli.current_imports() == ["gaming", "podman"]
+
+
+def test_without_write_access_it_needs_root(cli: FakeSystem) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop the capabilities that bypass permissions")
+    state_dir = cli.settings.state_dir
+    state_dir.mkdir()
+    os.chown(state_dir, 65534, 65534)  # nobody's: root without CAP_DAC_OVERRIDE cannot write
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    env = {**os.environ, **cli.env}
+    base = [*drop, sys.executable, "-m", "runtime_modules", "enable", "gaming"]
+    done = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == ExitCode.PERMISSION, done.stderr
+    assert done.stderr == (
+        f"runtime-modules: changing modules needs root ({state_dir} is not writable by root); "
+        "run `sudo runtime-modules …`, or add --sudo\n"
+    )
+    if shutil.which("sudo") is None:
+        done = subprocess.run(
+            [*base, "--sudo"], cwd=REPO, env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == ExitCode.PERMISSION
+        assert "sudo is not installed; run the command as root" in done.stderr
+    assert cli.records() == []
+
+
+def test_read_only_state_dir(
+    cli: FakeSystem, tmpfs: Tmpfs, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("RUNTIME_MODULES_STATE_DIR", str(tmpfs.path / "state"))
+    assert run(capsys, "enable", "gaming")[0] == ExitCode.OK
+    tmpfs.remount("ro")
+    code, _, err = run(capsys, "enable", "podman")
+    assert code == ExitCode.FAILURE
+    assert err == (
+        f"runtime-modules: {tmpfs.path / 'state'}: the state directory is on a read-only file "
+        "system; remount it read-write\n"
+    )
+    code, out, _ = run(capsys, "status", "--json")
+    assert code == ExitCode.OK and json.loads(out)["applied"] == ["gaming"]
