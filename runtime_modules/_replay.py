@@ -81,8 +81,11 @@ __all__ = [
     "parse_events",
     "read_events",
     "replay",
+    "replay_changes",
     "rules_loaded",
     "run_events",
+    "steady_applied",
+    "summary",
 ]
 
 # A capture is text a user made; hundreds of MiB would be a wrong file, not a capture.
@@ -427,13 +430,17 @@ def replay(
     rules: RuleSet,
     world: World,
     *,
-    applied: frozenset[str] = frozenset(),
+    applied: frozenset[str] | None = None,
     apply_time: float = 0.0,
     reconciler: Reconciler | None = None,
 ) -> list[Decision]:
     """Every decision the daemon would make on the captured events, from ``world`` on.
 
-    ``world`` is copied, not changed. Applies succeed ``apply_time`` seconds after they start.
+    ``world`` is copied, not changed. ``applied`` is what is applied at the start; None means
+    what the rules want in ``world``, as a daemon that has been running would have applied (then
+    the start itself changes nothing and only the events make decisions). Applies succeed
+    ``apply_time`` seconds after they start. The first event of each clock is at 0 s, the time
+    of the start.
 
     Raises:
         DumpError: a capture cannot be read.
@@ -457,13 +464,19 @@ def replay_changes(
     rules: RuleSet,
     world: World,
     *,
-    applied: frozenset[str] = frozenset(),
+    applied: frozenset[str] | None = None,
     apply_time: float = 0.0,
     reconciler: Reconciler | None = None,
 ) -> list[Decision]:
     """``replay`` of changes already placed on the virtual clock (sorted by time)."""
     pipeline = Pipeline(rules, reconciler or Reconciler(), world.copy())
     rec = pipeline.reconciler
+    start = 0.0
+    if applied is None:
+        # Steady: the daemon has been running for long in this world. Start it early enough
+        # that every rule holding now has settled by 0 s, and show only what happens from 0 s.
+        applied = steady_applied(rules, pipeline.world)
+        start = -1.0 - max((r.settle for r in rules.rules if r.enabled), default=0.0)
     decisions: list[Decision] = []
     current = applied
     flight: tuple[float, StartApply] | None = None
@@ -497,12 +510,23 @@ def replay_changes(
             else:
                 record(rec.tick(due), due)
 
-    record(pipeline.coldplug(applied, 0.0), 0.0)
+    record(pipeline.coldplug(applied, start), start)
+    advance(0.0)
     for at, change in timed:
         advance(at)
         record(pipeline.feed([change], at), at)
     advance(math.inf)
-    return decisions
+    return [d for d in decisions if d.time >= 0.0]
+
+
+def steady_applied(rules: RuleSet, world: World) -> frozenset[str]:
+    """The modules of the enabled rules that hold in ``world``: what a running daemon applied."""
+    evaluator = IncrementalEvaluator(rules)
+    evaluator.reset(world)
+    results = evaluator.results()
+    return frozenset(
+        m for r in rules.rules if r.enabled and results[r.name].holds for m in r.modules
+    )
 
 
 def _matches_of(action: Action, pipeline: Pipeline) -> tuple[str, ...]:
@@ -525,6 +549,12 @@ def add_events_option(parser: argparse.ArgumentParser) -> None:
         "on a virtual clock and print each decision with its time",
     )
     parser.add_argument(
+        "--from-base",
+        action="store_true",
+        help="with --events: start from the base system (nothing applied), as after a reboot; "
+        "by default what the rules want at the start is taken as applied",
+    )
+    parser.add_argument(
         "--apply-time",
         type=float,
         default=0.0,
@@ -538,24 +568,31 @@ def run_events(
     rules: RuleSet,
     world: World,
     *,
-    applied: frozenset[str] = frozenset(),
+    applied: frozenset[str] | None = None,
     out: TextIO | None = None,
 ) -> int:
-    """Replay ``args.events`` from ``world`` and print the decisions; returns the exit code."""
+    """Replay ``args.events`` from ``world`` and print the decisions; returns the exit code.
+
+    ``applied`` defaults to the steady set, or nothing with ``--from-base``.
+    """
     out = sys.stdout if out is None else out
+    if applied is None and getattr(args, "from_base", False):
+        applied = frozenset()
     apply_time = float(getattr(args, "apply_time", 0.0) or 0.0)
     if not math.isfinite(apply_time) or apply_time < 0:
         raise DumpError(f"--apply-time {apply_time!r}: give a number of seconds >= 0")
     decisions = replay(list(args.events), rules, world, applied=applied, apply_time=apply_time)
     enabled = sum(r.enabled for r in rules.rules)
+    start = steady_applied(rules, world) if applied is None else applied
     out.write(
         f"replaying {', '.join(map(str, args.events))}: {enabled} rules, "
-        f"{len(world.devices)} devices and {len(world.links)} links at the start\n"
+        f"{len(world.devices)} devices and {len(world.links)} links at the start; "
+        f"applied: {_set(start)}\n"
     )
     for decision in decisions:
         out.write(f"{decision}\n")
     starts = sum(isinstance(d.action, StartApply) for d in decisions)
-    out.write(f"{starts} apply{'' if starts == 1 else 's'} would run\n")
+    out.write(f"{starts} {'apply' if starts == 1 else 'applies'} would run\n")
     return 0
 
 
