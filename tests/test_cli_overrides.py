@@ -355,3 +355,12 @@ def test_record_change_without_daemon(env: Settings) -> None:
     record_change(env, change_request("reset", _pin_args(), now=now), now=now)
     view = OverrideStore.from_settings(env).load(now)
     assert (dict(view.pins), view.paused, view.paused_modules) == ({}, True, frozenset())
+
+
+def test_settings_flags_before_or_after_the_verb(
+    env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "elsewhere"
+    for argv in (["--state-dir", str(other), "events"], ["events", "--state-dir", str(other)]):
+        assert main(argv) == ExitCode.NO_DAEMON
+        assert f"{other}/control.sock does not exist" in capsys.readouterr().err

@@ -55,9 +55,18 @@ _IDLE_SLACK = 60.0
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this group's subcommands to ``sub``."""
-    p = sub.add_parser(
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, parents=[common], **kw)
+        # A subparser's defaults would overwrite the same flags given before the verb.
+        shared = {a.dest for a in common._actions}
+        for action in p._actions:
+            if action.dest in shared:
+                action.default = argparse.SUPPRESS
+        return p
+
+    p = add_parser(
         "auto",
-        parents=[common],
         help="hand modules back to the rules (remove their overrides)",
         description="Remove the overrides of MODULEs, runtime and persistent: the rules decide "
         "again. With the daemon running, waits until the resulting apply is done.",
@@ -66,36 +75,32 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _no_wait(p)
     p.set_defaults(func=cmd_auto)
 
-    p = sub.add_parser(
+    p = add_parser(
         "pause",
-        parents=[common],
         help="pause automation: rules stop changing modules until `resume` (or reboot)",
         description="Pause automation: the modules the rules want now stay as they are, "
         "overrides still apply. Ends with `resume` or at reboot.",
     )
     p.set_defaults(func=cmd_pause)
 
-    p = sub.add_parser(
+    p = add_parser(
         "resume",
-        parents=[common],
         help="resume automation after `pause` or `reset`",
         description="Resume automation: the rules decide again, for the world as it is now.",
     )
     _no_wait(p)
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser(
+    p = add_parser(
         "events",
-        parents=[common],
         help="stream device, link, rule and apply events from the daemon (like udevadm monitor)",
         description="Print the daemon's events as they happen until interrupted.",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser(
+    p = add_parser(
         "history",
-        parents=[common],
         help="past applies, from the journal",
         description="List past applies from the journal: time, before -> after, why, result, "
         "duration. Root or a member of systemd-journal sees the daemon's entries.",
