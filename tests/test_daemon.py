@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -366,3 +368,76 @@ def test_storm_of_one_thousand_uevents_makes_one_apply(
     assert _starts(fake_system) == 1
     assert _stop(umockdev_bed, pid) == 0
     assert json.loads(json.dumps(fake_system.state_json()))["applied"] == ["gaming"]
+
+
+# --- real udevd: a veth's uevent, classified by our udev rules, reaches the daemon ---------------
+
+
+@pytest.fixture
+def our_udev_rules(udevd: None) -> Any:
+    """udev/90-runtime-modules.rules in effect, under a name of this test's own (removed after)."""
+    target = Path("/run/udev/rules.d") / f"90-runtime-modules-test-{uuid.uuid4().hex[:8]}.rules"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "udev" / "90-runtime-modules.rules", target)
+    subprocess.run(["udevadm", "control", "--reload"], check=True)
+    try:
+        yield target
+    finally:
+        target.unlink(missing_ok=True)
+        subprocess.run(["udevadm", "control", "--reload"], check=False)
+
+
+def test_real_veth_through_udevd_and_our_rules_reaches_the_daemon(
+    make_daemon: Any, fake_system: FakeSystem, our_udev_rules: Path
+) -> None:
+    name = f"rmd{uuid.uuid4().hex[:8]}"
+    rules = f"""
+[[rule]]
+name = "virtual-nic"
+modules = ["virtualization"]
+settle = "0.1s"
+linger = "0.2s"
+[rule.when.device]
+subsystem = "net"
+sysname = "{name}"
+tags = ["runtime-modules"]
+properties = {{ RUNTIME_MODULES_NET_BUS = "virtual" }}
+"""
+    daemon = make_daemon(rules)
+    try:
+        subprocess.run(
+            ["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p"], check=True
+        )
+        assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+        (path,) = daemon.pipeline.holding["virtual-nic"]
+        assert path == f"/devices/virtual/net/{name}"
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+    assert daemon.run_until(lambda: daemon.applied == frozenset(), 10)
+    assert _starts(fake_system) == 2
+
+
+# --- sd_notify ------------------------------------------------------------------------------------
+
+
+def test_notifier_speaks_the_sd_notify_protocol(notify_socket: NotifyListener) -> None:
+    notifier = Notifier({**notify_socket.env(), "WATCHDOG_USEC": "30000000"})
+    assert notifier.watchdog_interval == 15.0  # half of WatchdogSec, per sd_watchdog_enabled(3)
+    notifier.ready("2 rules")
+    notifier.status("2 rules")  # unchanged: not sent again
+    notifier.status("3 rules\nand a newline")
+    notifier.stopping("bye")
+    notifier.close()
+    notify_socket.wait_for("STOPPING", "1")
+    assert notify_socket.messages == [
+        {"READY": "1", "STATUS": "2 rules"},
+        {"STATUS": "3 rules and a newline"},
+        {"STOPPING": "1", "STATUS": "bye"},
+    ]
+
+
+def test_notifier_is_quiet_outside_systemd_and_for_other_pids() -> None:
+    assert not Notifier({}).send("READY=1")
+    assert Notifier({"NOTIFY_SOCKET": "@abstract"}).address == "\0abstract"
+    other = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval is None  # the watchdog is some other process's
