@@ -169,9 +169,9 @@ class Journal:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_level(cls, level: str, **kwargs: object) -> Journal:
+    def for_level(cls, level: str, *, identifier: str = IDENTIFIER) -> Journal:
         """A journal whose minimum priority is a log level as settings hold it."""
-        return cls(min_priority=Priority.parse(level), **kwargs)  # type: ignore[arg-type]
+        return cls(identifier=identifier, min_priority=Priority.parse(level))
 
     @property
     def connected(self) -> bool:
