@@ -97,6 +97,7 @@ MAX_CLIENTS = 256
 RESERVED_FOR_CHANGE = 32
 # A local client writes its one request line at once; 10 s is generous even on a loaded machine.
 REQUEST_TIMEOUT = 10.0
+ACCEPT_RETRY = 1.0  # after accept() failed (out of descriptors), when to try again
 # Linux socket option (asm-generic/socket.h); Python does not name it. Kernel >= 4.13.
 SO_PEERGROUPS = 59
 _GID_BUF = 1024  # socket.getsockopt caps the buffer at 1024 bytes: 256 groups, else /proc
@@ -462,6 +463,7 @@ class ControlServer:
         self._clients: dict[int, _Client] = {}  # by fd
         self._thread: int | None = None
         self._inode: tuple[int, int] | None = None
+        self._accept_resume: float | None = None  # set while accepting is paused (EMFILE)
 
     # -- life
 
@@ -542,7 +544,7 @@ class ControlServer:
         for client in list(self._clients.values()):
             self._drop(client)
         if self._sock is not None:
-            if self._selector is not None:
+            if self._selector is not None and self._accept_resume is None:
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(self._sock.fileno())
             self._sock.close()
@@ -562,13 +564,15 @@ class ControlServer:
 
     def next_wakeup(self) -> float | None:
         """When ``expire`` has work (a client's request deadline), on the server's clock."""
-        return min(
-            (c.deadline for c in self._clients.values() if c.phase in _TIMED),
-            default=None,
-        )
+        deadlines = [c.deadline for c in self._clients.values() if c.phase in _TIMED]
+        if self._accept_resume is not None:
+            deadlines.append(self._accept_resume)
+        return min(deadlines, default=None)
 
     def expire(self, now: float) -> None:
         """Answer clients that did not send their request in time, and drop stuck ones."""
+        if self._accept_resume is not None and self._accept_resume <= now:
+            self._resume_accepting()
         for client in list(self._clients.values()):
             if client.phase in _TIMED and client.deadline <= now:
                 if client.phase is _Phase.READING:
@@ -611,8 +615,23 @@ class ControlServer:
                 return
             except OSError as exc:  # EMFILE and friends: keep serving the clients we have
                 log.warning("control socket: cannot accept a client: %s", exc)
+                self._pause_accepting()
                 return
             self._admit(conn)
+
+    def _pause_accepting(self) -> None:
+        # The pending connection stays queued and the socket stays readable: listening on would
+        # spin the loop. Resume when a client leaves (a descriptor is free) or a second later.
+        if self._selector is None or self._sock is None or self._accept_resume is not None:
+            return
+        self._selector.unregister(self._sock.fileno())
+        self._accept_resume = self._clock() + ACCEPT_RETRY
+
+    def _resume_accepting(self) -> None:
+        if self._accept_resume is None or self._selector is None or self._sock is None:
+            return
+        self._accept_resume = None
+        self._selector.register(self._sock.fileno(), selectors.EVENT_READ, self._on_listen)
 
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
@@ -805,6 +824,7 @@ class ControlServer:
                 self._selector.unregister(fd)
         self._clients.pop(fd, None)
         client.sock.close()
+        self._resume_accepting()
 
     def _check_thread(self) -> None:
         if self._thread is not None and threading.get_ident() != self._thread:

@@ -638,3 +638,70 @@ def test_missing_control_group_means_root_only(start: Callable[..., Running]) ->
     out = as_user(run.server.path, *NOBODY, "--clear-groups")
     assert out["pause"].startswith(PermissionDeniedError.__name__)
     assert "only root may change" in out["pause"]
+
+
+# --- out of file descriptors ---------------------------------------------------------------
+
+EMFILE_SERVER = textwrap.dedent(
+    """
+    import resource, selectors, sys, time
+    from pathlib import Path
+    from runtime_modules._control import ControlServer, StatusResponse
+
+    class Handler:
+        def handle(self, request, reply):
+            reply.send(StatusResponse(status={"modules": {"gaming": "disabled"}}))
+
+    server = ControlServer(Path(sys.argv[1]), Handler())
+    server.open()
+    selector = selectors.DefaultSelector()
+    server.register(selector)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    print("ready", flush=True)
+    while True:
+        wakeup = server.next_wakeup()
+        timeout = None if wakeup is None else max(0.0, wakeup - time.monotonic())
+        for key, mask in selector.select(timeout):
+            key.data(mask)
+        server.expire(time.monotonic())
+    """
+)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_out_of_descriptors_neither_spins_nor_stops_serving(sock_dir: Path) -> None:
+    path = sock_dir / "control.sock"
+    child = subprocess.Popen(
+        [sys.executable, "-c", EMFILE_SERVER, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    socks: list[socket.socket] = []
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        for _ in range(40):  # more than 32 descriptors: accept() fails with EMFILE
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(path))  # queued by the kernel even when not accepted
+            s.sendall(b'{"v": 1, "op": "events"}\n')
+            socks.append(s)
+        time.sleep(0.3)
+        before = _cpu_seconds(child.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(child.pid) - before < 0.3  # waiting, not spinning on accept()
+        for s in socks:
+            s.close()
+        answer = ControlClient(path, answer_timeout=5).call(StatusRequest())
+        assert isinstance(answer, StatusResponse)
+        assert child.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+        child.kill()
+        _, err = child.communicate()
+    assert "cannot accept a client" in err and "Too many open files" in err
