@@ -114,6 +114,14 @@ class _LazyAttributes(Mapping[str, str]):
         return f"{dict(self)!r}"
 
 
+def _texts(pairs: Iterable[tuple[bytes, bytes | None]]) -> dict[str, str]:
+    items = list(pairs)
+    try:
+        return {k.decode(): (v or b"").decode() for k, v in items}
+    except UnicodeDecodeError:  # rare: only then pay for the careful path
+        return {_text(k): _text(v) for k, v in items}
+
+
 def device_from_pyudev(dev: Any, attributes: frozenset[str]) -> Device:
     """Translate a ``pyudev.Device`` into a ``Device`` (only the named sysfs attributes).
 
@@ -121,18 +129,12 @@ def device_from_pyudev(dev: Any, attributes: frozenset[str]) -> Device:
     mapping decodes strictly and raises on non-UTF-8 values).
     """
     lib = dev._libudev
-    properties = {
-        _text(k): _text(v)
-        for k, v in udev_list_iterate(lib, lib.udev_device_get_properties_list_entry(dev))
-    }
+    properties = _texts(udev_list_iterate(lib, lib.udev_device_get_properties_list_entry(dev)))
     for key in EVENT_ONLY_PROPERTIES.intersection(properties):
         del properties[key]
-    tags = frozenset(
-        _text(k) for k, _ in udev_list_iterate(lib, lib.udev_device_get_tags_list_entry(dev))
-    )
-    devpath = _text(lib.udev_device_get_devpath(dev))
+    tags = frozenset(_texts(udev_list_iterate(lib, lib.udev_device_get_tags_list_entry(dev))))
     return Device(
-        devpath=devpath,
+        devpath=_text(lib.udev_device_get_devpath(dev)),
         subsystem=_opt(lib.udev_device_get_subsystem(dev)),
         devtype=_opt(lib.udev_device_get_devtype(dev)),
         driver=_opt(lib.udev_device_get_driver(dev)),
@@ -203,6 +205,12 @@ class UdevSource:
         self.needs = needs
         self.attributes: frozenset[str] = frozenset() if needs is None else needs.attributes
         self.resyncs = 0
+        # Ancestors already handed out (and not removed since): a storm of events on one device
+        # must not re-read its PCI bridges every time. An ancestor's own changes reach us as its
+        # own events: the rules' Needs subscribe every subsystem a parent condition names (all
+        # of them when one names none).
+        self._sent_ancestors: set[str] = set()
+        self._chains: dict[str, tuple[str, ...]] = {}  # devpath -> its ancestors' devpaths
         self.monitor = pyudev.Monitor.from_netlink(context, source="udev")
         if needs is not None and needs.subsystems is not None:
             for subsystem in sorted(needs.subsystems):
@@ -245,6 +253,8 @@ class UdevSource:
     def resync(self) -> WorldReplaced:
         """Drop what is queued (older than what enumeration will see) and enumerate anew."""
         self.resyncs += 1
+        self._sent_ancestors.clear()
+        self._chains.clear()
         for _ in range(1 << 16):  # bounded: a sender faster than us must not pin us here
             try:
                 if self._receive() is None:
@@ -256,16 +266,42 @@ class UdevSource:
     def changes_of(self, dev: Any) -> list[WorldChange]:
         """The world changes one monitor event means (level-triggered, ancestors included)."""
         action = dev.action
+        path = dev.device_path
         if action == "remove":
-            return [DeviceRemoved(dev.device_path)]
-        changes: list[WorldChange] = [
-            DeviceUpsert(device_from_pyudev(a, self.attributes)) for a in _ancestors(dev)
-        ]
+            self._forget(path)
+            return [DeviceRemoved(path)]
+        changes = self._ancestor_changes(dev, path)
         device = device_from_pyudev(dev, self.attributes)
         old = _old_devpath(dev) if action == "move" else None
         if old:
+            self._forget(old)
             changes.append(DeviceMoved(old, device))
         else:
             # add, change, bind, unbind, online, offline: the device is present with these facts
             changes.append(DeviceUpsert(device))
         return changes
+
+    def _ancestor_changes(self, dev: Any, path: str) -> list[WorldChange]:
+        chain = self._chains.get(path)
+        sent = self._sent_ancestors
+        if chain is not None and sent.issuperset(chain):
+            return []
+        changes: list[WorldChange] = []
+        paths = []
+        for ancestor in _ancestors(dev):
+            ancestor_path = ancestor.device_path
+            paths.append(ancestor_path)
+            if ancestor_path not in sent:
+                changes.append(DeviceUpsert(device_from_pyudev(ancestor, self.attributes)))
+                sent.add(ancestor_path)
+        self._chains[path] = tuple(paths)
+        return changes
+
+    def _forget(self, path: str) -> None:
+        """``path`` and everything below it left the world: read them afresh if they return."""
+        below = path + "/"
+        self._sent_ancestors = {
+            p for p in self._sent_ancestors if p != path and not p.startswith(below)
+        }
+        for key in [k for k in self._chains if k == path or k.startswith(below)]:
+            del self._chains[key]

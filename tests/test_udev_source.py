@@ -54,6 +54,10 @@ def test_events_become_level_triggered_changes(umockdev_bed: UmockdevBed) -> Non
     ]
     assert "ACTION" not in changes[0]["device"]["properties"]  # same as when enumerated
     assert "SEQNUM" not in changes[0]["device"]["properties"]
+    # the ancestors are in the world now: a change of the card does not read them again
+    umockdev_bed.uevent(card, "change")
+    (changed,) = umockdev_bed.call("read")["changes"]
+    assert changed["device"]["devpath"] == "/devices/gpu0/card0"
 
     # bind: the driver arrives after the device
     umockdev_bed.set_property(gpu, "DRIVER", "nvidia")
@@ -65,6 +69,18 @@ def test_events_become_level_triggered_changes(umockdev_bed: UmockdevBed) -> Non
     assert umockdev_bed.call("read")["changes"] == [
         {"type": "removed", "devpath": "/devices/gpu0/card0"}
     ]
+    # a removed ancestor is read again when a child of a new one comes
+    umockdev_bed.remove(gpu)
+    gpu = umockdev_bed.add("pci", "gpu0", attributes={"vendor": "0x1002"})
+    umockdev_bed.add("drm", "card1", parent=gpu)
+    changes = umockdev_bed.call("read", min=4)["changes"]
+    assert [(c["type"], c.get("devpath") or c["device"]["devpath"]) for c in changes] == [
+        ("removed", "/devices/gpu0"),
+        ("upsert", "/devices/gpu0"),
+        ("upsert", "/devices/gpu0"),
+        ("upsert", "/devices/gpu0/card1"),
+    ]
+    assert changes[2]["device"]["attributes"] == {"vendor": "0x1002"}
 
     # move: a NIC renamed from its kernel name
     umockdev_bed.add("net", "eth0", properties={"INTERFACE": "eth0"})
