@@ -293,7 +293,13 @@ class Applier:
         started, t0 = time.time(), time.monotonic()
         self._free_orphaned_lock()
         lock = ApplyLock(self.settings.lock_file)
-        if not lock.acquire(apply_id=apply_id, command=_command(), wait=wait, cancel=cancel):
+        if not lock.acquire(
+            apply_id=apply_id,
+            command=_command(),
+            wait=wait,
+            cancel=cancel,
+            while_waiting=self._free_orphaned_lock,
+        ):
             state = load_state(self.settings, journal=self.journal)
             return ApplyOutcome(
                 apply_id=apply_id,
@@ -320,7 +326,11 @@ class Applier:
             return None
         self._free_orphaned_lock()
         lock = ApplyLock(self.settings.lock_file)
-        lock.acquire(apply_id=state.in_progress.apply_id, command=_command(), wait=True)
+        lock.acquire(
+            apply_id=state.in_progress.apply_id,
+            command=_command(),
+            while_waiting=self._free_orphaned_lock,
+        )
         try:
             state = load_state(self.settings, journal=self.journal)
             if state.in_progress is None:  # another process recovered it while we waited

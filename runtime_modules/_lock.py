@@ -16,6 +16,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from ._errors import LockBusyError, PermissionDeniedError, StateError
 # How often a waiting caller retries: short enough that a queued `enable` starts at once in human
 # terms, long enough to cost nothing. Polling (not a blocking flock) lets a cancel stop the wait.
 POLL_INTERVAL = 0.05
+WAIT_CHECK_INTERVAL = 1.0  # how often a waiter looks for a holder that died (see Applier)
 _MAX_HOLDER_BYTES = 4096  # we write ~150 bytes; more is not ours
 
 
@@ -171,12 +173,18 @@ class ApplyLock:
         command: str,
         wait: bool = True,
         cancel: threading.Event | None = None,
+        while_waiting: Callable[[], None] | None = None,
     ) -> bool:
         """Take the lock and write the holder; False only when ``cancel`` was set while waiting.
 
         Raises LockBusyError naming the holder when the lock is taken and ``wait`` is False.
+        ``while_waiting`` is called about once a second while the lock is busy.
         """
+        next_check = time.monotonic() + WAIT_CHECK_INTERVAL
         while not self.try_acquire():
+            if wait and while_waiting is not None and time.monotonic() >= next_check:
+                while_waiting()
+                next_check = time.monotonic() + WAIT_CHECK_INTERVAL
             if not wait:
                 holder = read_holder(self.path)
                 who = holder.describe() if holder else "another process (holder unknown)"

@@ -337,9 +337,10 @@ Applier(settings, load_registry(settings.registry), journal=journal).apply(
 """
 
 
-def test_recover_after_the_applier_was_killed(fake_system: FakeSystem) -> None:
-    s = fake_system.settings
-    fake_system.control(mode="hang")
+def _hanging_applier(fake: FakeSystem) -> subprocess.Popen[bytes]:
+    """Another process, applying {gaming} with a rebuild that hangs; returns once it hangs."""
+    s = fake.settings
+    fake.control(mode="hang")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -354,8 +355,14 @@ def test_recover_after_the_applier_was_killed(fake_system: FakeSystem) -> None:
         cwd=REPO,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for(lambda: fake_system.records("hang"))
+    _wait_for(lambda: fake.records("hang"))
     _wait_for(lambda: (ip := load_state(s).in_progress) is not None and ip.rebuild_pgid is not None)
+    return proc
+
+
+def test_recover_after_the_applier_was_killed(fake_system: FakeSystem) -> None:
+    s = fake_system.settings
+    proc = _hanging_applier(fake_system)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     (hang,) = fake_system.records("hang")
@@ -374,6 +381,30 @@ def test_recover_after_the_applier_was_killed(fake_system: FakeSystem) -> None:
     assert _applier(fake_system).recover() is None
     # And the machine works again.
     assert _applier(fake_system).apply(frozenset({"gaming"}), reason="again").ok
+
+
+def test_a_waiting_apply_outlives_a_holder_that_dies(fake_system: FakeSystem) -> None:
+    proc = _hanging_applier(fake_system)
+    result: list[ApplyOutcome] = []
+    waiter = threading.Thread(
+        target=lambda: result.append(
+            _applier(fake_system).apply(frozenset({"podman"}), reason="waits")
+        )
+    )
+    waiter.start()
+    time.sleep(0.3)
+    assert not result  # it waits for the lock
+    fake_system.control()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    waiter.join(15)
+    (outcome,) = result
+    assert outcome.result is ApplyResult.SUCCEEDED
+    assert not process_alive(fake_system.records("hang")[0]["child"], None)
+    state = load_state(fake_system.settings)
+    assert state.applied == {"podman"}
+    assert state.module_status("gaming").status is ModuleStatus.FAILED  # the interrupted one
+    assert fake_system.current_imports() == ["podman"]
 
 
 def test_an_apply_finds_an_interrupted_one_and_rolls_it_back_first(

@@ -50,13 +50,10 @@ RECORD_KEYS = [
 
 
 @pytest.fixture
-def cli(fake_system: FakeSystem, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
-    """The fake machine, with the CLI's settings in the environment (journald not used)."""
+def cli(fake_system: FakeSystem, journald: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
+    """The fake machine, with the CLI's settings in the environment; journald runs."""
     for key, value in fake_system.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(
-        "runtime_modules._cli._modules._journal", lambda settings: fake_system.journal()
-    )
     return fake_system
 
 
