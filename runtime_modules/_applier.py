@@ -418,10 +418,11 @@ class Applier:
                 host=self.registry.host,
                 modules=goal,
             )
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
             message = (
                 f"could not {_phrase(before, goal, past=False)}: cannot write the generated flake "
-                f"in {self.settings.flake_dir}: {exc.strerror}; nothing was rebuilt"
+                f"in {self.settings.flake_dir}: {why}; nothing was rebuilt"
             )
             end = _End(ApplyResult.FAILED, before, system_before, system_before, message, log)
             return self._finish(ctx, state, goal, end, hooks, event=JournalEvent.APPLY_FAILED)
@@ -874,6 +875,27 @@ class Applier:
         if on_spawn is not None:
             on_spawn(proc.pid)
         emitter = _Emitter(self.journal, ctx, log, run)
+        try:
+            self._follow(proc, run, emitter, timeout, ctx.cancel)
+        except BaseException:
+            # A bug or an interrupt here must not leave the rebuild running unwatched.
+            _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+            raise
+        run.returncode = proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        emitter.done()
+        return run
+
+    def _follow(
+        self,
+        proc: subprocess.Popen[bytes],
+        run: _Run,
+        emitter: _Emitter,
+        timeout: float,
+        cancel: threading.Event | None,
+    ) -> None:
+        """Stream ``proc``'s output until it ends, times out or is cancelled; then end its group."""
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
@@ -884,7 +906,7 @@ class Applier:
             sel.register(fd, selectors.EVENT_READ)
             while True:
                 now = time.monotonic()
-                if ctx.cancel is not None and ctx.cancel.is_set():
+                if cancel is not None and cancel.is_set():
                     run.cancelled = True
                     break
                 if now >= deadline:
@@ -914,10 +936,6 @@ class Applier:
                 run.timed_out = True
                 _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
         _kill_group(proc.pid, wait=0)  # whatever of its group is still left
-        run.returncode = proc.wait()
-        proc.stdout.close()
-        emitter.done()
-        return run
 
     # -- small parts ----------------------------------------------------------------------------
 
