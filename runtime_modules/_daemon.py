@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._applier import Applier, ApplyOutcome
-from ._errors import RuleError, RuntimeModulesError
+from ._errors import ConfigError, PermissionDeniedError, RuleError, RuntimeModulesError
 from ._journal import Journal, JournalEvent, Priority
 from ._reconciler import Reconciler
 from ._reconciler_events import (
@@ -407,7 +407,26 @@ class Daemon:
         self.journal.send(JournalEvent.STATE_RECOVERED, message, priority=Priority.WARNING)
 
     def _open_sources(self, needs: Needs, world: World) -> None:
-        """Open the monitors the rules need, then enumerate into ``world``."""
+        """Open the monitors the rules need, then enumerate into ``world``.
+
+        Raises:
+            PermissionDeniedError, ConfigError: a monitor cannot be opened.
+        """
+        try:
+            self._open_sources_or_fail(needs, world)
+        except PermissionError as exc:
+            self._close_sources()
+            raise PermissionDeniedError(
+                f"cannot listen to udev and netlink events ({exc.strerror}); run watch as root"
+            ) from None
+        except OSError as exc:
+            self._close_sources()
+            raise ConfigError(
+                f"cannot listen to udev and netlink events: {exc}; is this a Linux machine "
+                "with udev (/run/udev) and netlink?"
+            ) from None
+
+    def _open_sources_or_fail(self, needs: Needs, world: World) -> None:
         from ._netlink_source import NetlinkSource, enumerate_links
         from ._udev_source import UdevSource, enumerate_devices
 

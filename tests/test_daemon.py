@@ -441,3 +441,26 @@ def test_notifier_is_quiet_outside_systemd_and_for_other_pids() -> None:
     assert Notifier({"NOTIFY_SOCKET": "@abstract"}).address == "\0abstract"
     other = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval is None  # the watchdog is some other process's
+
+
+def test_reload_with_rules_that_need_devices_opens_the_udev_monitor(
+    make_daemon: Any, fake_system: FakeSystem, tmp_path: Path, udevd: None
+) -> None:
+    daemon = make_daemon(_rule())
+    assert daemon.world.devices == {}  # link rules only: udev is not even listened to
+    (tmp_path / "rules.toml").write_text(
+        _rule()
+        + """
+[[rule]]
+name = "loopback"
+modules = ["podman"]
+settle = "0.1s"
+[rule.when.device]
+subsystem = "net"
+sysname = "lo"
+"""
+    )
+    daemon.signal(signal.SIGHUP)
+    assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
+    assert "/devices/virtual/net/lo" in daemon.world.devices
+    assert daemon.world.links  # the links of the namespace are still known
