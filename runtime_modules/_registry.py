@@ -41,7 +41,7 @@ class ModuleInfo(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not MODULE_NAME.match(v):
+        if not MODULE_NAME.fullmatch(v):
             raise ValueError(
                 "must be 1-128 of letters, digits and _ . + - (not starting with . + -)"
             )
@@ -58,14 +58,14 @@ class Registry(BaseModel):
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
-        if not HOST_NAME.match(v):
+        if not HOST_NAME.fullmatch(v):
             raise ValueError("must be a nixosConfigurations name: letters, digits and _ . -")
         return v
 
     @field_validator("flake")
     @classmethod
     def _flake(cls, v: str) -> str:
-        if not FLAKE_REF.match(v):
+        if not FLAKE_REF.fullmatch(v):
             raise ValueError("must be a flake reference without quotes, backslashes, '$' or spaces")
         return v
 

@@ -24,6 +24,8 @@ def test_good_registry_keeps_extra_fields() -> None:
         (GOOD.replace("laptop", "a b"), "r.json: host:"),
         (GOOD.replace("path:/nix/store/abc-source", 'x\\"; ${evil}'), "r.json: flake:"),
         (GOOD.replace('"gaming"', '"a\\nb"'), "r.json: modules[0].name:"),
+        (GOOD.replace('"gaming"', '"gaming\\n"'), "r.json: modules[0].name:"),
+        (GOOD.replace("abc-source", "abc-source\\n"), "r.json: flake:"),
         (GOOD.replace('{"name": "gaming"}', '{"name": "g"}, {"name": "g"}'), "listed twice"),
     ],
 )
