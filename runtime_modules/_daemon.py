@@ -546,7 +546,13 @@ class Daemon:
         received = time.monotonic()
         if source is None or self.pipeline is None:
             return
-        changes = source.read()
+        try:
+            changes = source.read()
+        except (ValueError, TypeError, KeyError, UnicodeError):
+            # A message we could not translate (a kernel newer than our parser): what it said
+            # is lost, so re-enumerate, as after an overrun, rather than die or drift.
+            log.exception("%s: an event could not be read; re-enumerating", name)
+            changes = [source.resync()]
         if not changes:
             return
         self.stats[f"{name}_changes"] += len(changes)

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime_modules._dumps import world_from_files
 from runtime_modules._errors import DumpError
@@ -323,3 +325,43 @@ properties = {{ ID_NET_DRIVER = "veth" }}
     assert kinds.index("RuleActivated") < kinds.index("RuleDeactivated")
     deactivated = next(d for d in decisions if isinstance(d.action, RuleDeactivated))
     assert deactivated.time >= 0.25  # the pair lived 0.3 s (linger 0: gone when removed)
+
+
+# --- any text ---------------------------------------------------------------------------------
+
+_LINES = st.sampled_from(
+    [
+        "UDEV  [12.5] add      /devices/x (net)",
+        "UDEV  [12.5] move     /devices/y (net)",
+        "UDEV  [1e9] remove   /devices/x (net)",
+        "KERNEL[1.0] add /devices/x (net)",
+        "DEVPATH=/devices/x",
+        "DEVPATH_OLD=/devices/x",
+        "DEVPATH=",
+        "TAGS=::a:\x00:",
+        "SUBSYSTEM=${evil}",
+        "Timestamp: Sun Nov 22 05:03:23 2026 593118 usec",
+        "Timestamp: Mon Feb 30 99:99:99 0 1 usec",
+        "[2026-13-45T25:61:61.1] 3: va@vb: <UP,LOWER_UP> mtu 1500 state UP",
+        "[2026-11-22T05:03:23.5] Deleted 3: va: <> state DOWN",
+        '7: "quoted\\name: <NO-CARRIER> state bogus',
+        "    link/ether 02:00:00:00:00:01 brd ff:ff:ff:ff:ff:ff",
+        "    link/none",
+        "    veth",
+        "",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_LINES, st.text(max_size=40)), max_size=30))
+def test_any_capture_text_parses_or_is_a_dump_error(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    try:
+        events = parse_events(text, "capture")
+    except DumpError as exc:
+        assert "capture:" in str(exc)
+        return
+    world = World()
+    for event in events:
+        world.apply(event.change)  # every change is one the world takes
