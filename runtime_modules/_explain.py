@@ -304,8 +304,11 @@ def _device_near_misses(c: DeviceCondition, world: World) -> tuple[NearMiss, ...
         subsystem = c.subsystem
         candidates = [d for d in candidates if subsystem.match(d.subsystem)]
     out = []
-    # Candidates already match the subsystem: only one that also matches another key is "close".
-    minimum = 2 if c.subsystem is not None and total > 1 else 1
+    # Candidates already match the subsystem: one that matches no other key of the device itself
+    # is not "close" (the first PCI bridge is no near-miss of a GPU) unless the only other key is
+    # `parent`, whose closest ancestor is then the news.
+    own_keys = len(checks) - (c.parent is not None)
+    minimum = 2 if c.subsystem is not None and own_keys > 1 else 1
     for d in _rank(candidates, checks, attrgetter("devpath"), minimum):
         mismatches = tuple(
             Mismatch(key, wanted, get(d)) for key, wanted, get, test in checks if not test(d)

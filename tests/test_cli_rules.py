@@ -1,0 +1,281 @@
+"""The rule verbs of the command line: rules check, rules schema, simulate, explain."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime_modules._cli import main
+from runtime_modules._cli._rules import live_world
+from runtime_modules._rules import load_rules
+from runtime_modules._settings import DEFAULT_REGISTRY, ENV_REGISTRY, ENV_RULES
+from tests.fixtures.system import REPO
+from tests.fixtures.world import EXAMPLE_RULES
+
+RULES = str(EXAMPLE_RULES)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def no_configured_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_REGISTRY, raising=False)
+    monkeypatch.delenv(ENV_RULES, raising=False)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    path = tmp_path / "modules.json"
+    modules = [{"name": n} for n in ("gaming", "virtualization", "lab", "office")]
+    path.write_text(json.dumps({"host": "laptop", "flake": "path:/etc/nixos", "modules": modules}))
+    return path
+
+
+# --- rules check / schema -------------------------------------------------------------------
+
+
+def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    if DEFAULT_REGISTRY.exists():
+        pytest.skip(f"{DEFAULT_REGISTRY} exists here: module names would be checked against it")
+    code, out, err = run(capsys, "rules", "check", RULES)
+    assert (code, err) == (0, "")
+    assert out == (
+        "rules OK: 4 rules in 3 files; modules gaming, lab, virtualization; "
+        "module names not checked (no registry; give --registry)\n"
+    )
+
+
+def test_check_default_paths_and_registry_from_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, registry: Path
+) -> None:
+    monkeypatch.setenv(ENV_RULES, RULES)
+    monkeypatch.setenv(ENV_REGISTRY, str(registry))
+    code, out, _ = run(capsys, "rules", "check")
+    assert code == 0 and f"module names checked against {registry}" in out
+
+
+def test_check_prints_every_problem_and_fails(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, registry: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[[rule]]\nname = "a"\nmodules = ["gamin"]\n[rule.when.device]\npropertis = {}\n'
+        '[[rule]]\nname = "b"\nmodules = ["office"]\nsettle = "soon"\nwhen.link.ifname = "x"\n'
+    )
+    code, out, err = run(capsys, "--registry", str(registry), "rules", "check", RULES, str(bad))
+    assert (code, out) == (1, "")
+    lines = err.splitlines()
+    assert lines == [
+        f"{bad}: rule a: when.device.propertis: unknown key `propertis` "
+        "(did you mean `properties`?)",
+        f"{bad}: rule b: settle: 'soon' is not a duration; "
+        'write e.g. "500ms", "3s", "2m", "1m30s" or a number of seconds',
+        "rules check failed: 2 problems in 1 file",
+    ]
+    # Valid rules are checked against the registry given after the verb too.
+    fixed = tmp_path / "fixed.toml"
+    fixed.write_text('[[rule]]\nname = "a"\nmodules = ["gamin"]\nwhen.link.ifname = "x"\n')
+    code, _, err = run(capsys, "rules", "check", "--registry", str(registry), str(fixed))
+    assert code == 1 and "unknown module `gamin` (not in the registry) (did you mean" in err
+
+
+def test_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "rules", "schema")
+    schema = json.loads(out)
+    assert code == 0 and schema["title"] == "runtime-modules rules" and "$defs" in schema
+
+
+# --- simulate -------------------------------------------------------------------------------
+
+
+def test_simulate_json_is_exactly_the_documented_shape(
+    capsys: pytest.CaptureFixture[str], recording_paths: dict[str, Path]
+) -> None:
+    code, out, _ = run(
+        capsys, "simulate", "--udev-db", str(recording_paths["dgx"]), "--rules", RULES, "--json"
+    )
+    data = json.loads(out)
+    assert code == 0 and set(data) == {"modules", "rules"}
+    assert data["modules"] == {
+        "gaming": {"enabled": True, "rules": ["gaming-on-nvidia-gpu"]},
+        "lab": {"enabled": False, "rules": []},
+        "virtualization": {"enabled": False, "rules": []},
+    }
+    assert list(data["rules"]) == [r.name for r in load_rules([EXAMPLE_RULES]).rules]
+    for name, entry in data["rules"].items():
+        assert set(entry) == {"active", "matches"}
+        assert entry["active"] is (name == "gaming-on-nvidia-gpu")
+    assert len(data["rules"]["gaming-on-nvidia-gpu"]["matches"]) == 4
+
+
+def test_simulate_plain_with_registry_links_and_umockdev(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    registry: Path,
+    recording_paths: dict[str, Path],
+) -> None:
+    links = tmp_path / "links.json"
+    links.write_text(json.dumps([{"ifindex": 7, "ifname": "lab0", "operstate": "UP"}]))
+    egpu = tmp_path / "egpu.umockdev"
+    egpu.write_text("P: /devices/pci0000:00/0000:00:03.0/0000:09:00.0\nE: SUBSYSTEM=pci\n"
+                    "E: PCI_ID=10de:2484\nE: PCI_CLASS=30000\n")  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "simulate",
+        "--registry",
+        str(registry),
+        "--udev-db",
+        str(recording_paths["dell-edge"]),
+        "--umockdev",
+        str(egpu),
+        "--links",
+        str(links),
+        "--rules",
+        RULES,
+    )
+    assert code == 0
+    assert out.splitlines()[:4] == [
+        "gaming          enabled   by gaming-on-nvidia-gpu",
+        "lab             enabled   by lab-when-lab-nic-up",
+        "office          disabled",  # in the registry, named by no rule
+        "virtualization  enabled   by virtualization-when-docked",
+    ]
+    assert (
+        "rule gaming-on-nvidia-gpu: active\n  /devices/pci0000:00/0000:00:03.0/0000:09:00.0\n"
+        in out
+    )
+    assert "rule gaming-on-amd-dgpu: inactive\n" in out and "  lab0\n" in out
+
+
+def test_simulate_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, registry: Path
+) -> None:
+    dump = tmp_path / "broken.txt"
+    dump.write_text("P: /devices/a\nnonsense\n")
+    code, out, err = run(capsys, "simulate", "--udev-db", str(dump), "--rules", RULES)
+    assert (code, out) == (2, "")
+    assert (
+        err.startswith(f"runtime-modules: {dump}:2: not a record line") and "Traceback" not in err
+    )
+    small = tmp_path / "registry.json"
+    small.write_text(json.dumps({"host": "h", "flake": "path:/x", "modules": [{"name": "gaming"}]}))
+    code, _, err = run(capsys, "simulate", "--registry", str(small), "--rules", RULES)
+    assert code == 1 and "unknown module `lab`" in err
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--udev-db", str(dump)])  # --rules is required
+    assert info.value.code == 2
+
+
+def test_simulate_replays_events(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capture = tmp_path / "capture.txt"
+    capture.write_text(
+        "UDEV  [100.000000] add      /devices/pci0000:00/0000:00:03.0/0000:09:00.0 (pci)\n"
+        "ACTION=add\nDEVPATH=/devices/pci0000:00/0000:00:03.0/0000:09:00.0\nSUBSYSTEM=pci\n"
+        "PCI_ID=10DE:2484\nPCI_CLASS=30000\n\n"
+    )
+    code, out, _ = run(capsys, "simulate", "--events", str(capture), "--rules", RULES)
+    assert code == 0 and out.startswith(f"replaying {capture}")
+    assert "apply #1 would start: {gaming}" in out
+
+
+# --- explain --------------------------------------------------------------------------------
+
+
+def test_explain_a_recording(
+    capsys: pytest.CaptureFixture[str], recording_paths: dict[str, Path]
+) -> None:
+    code, out, _ = run(
+        capsys, "explain", "gaming", "--rules", RULES, "--udev-db", str(recording_paths["hp835g10"])
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "gaming: not wanted"
+    assert lines[1].startswith("  rule gaming-on-nvidia-gpu: no device with subsystem=pci")
+    assert lines[1].endswith(
+        "closest: /devices/pci0000:00/0000:00:08.1/0000:c4:00.0 has PCI_ID=1002:15BF"
+    )
+    assert len(lines) == 3  # the two gaming rules only
+
+
+def test_explain_json(capsys: pytest.CaptureFixture[str], recording_paths: dict[str, Path]) -> None:
+    code, out, _ = run(
+        capsys,
+        "explain",
+        "--rules",
+        RULES,
+        "--udev-db",
+        str(recording_paths["dell-edge"]),
+        "--json",
+    )
+    data = json.loads(out)
+    assert code == 0 and data["modules"]["virtualization"] == {
+        "wanted": True,
+        "rules": ["virtualization-when-docked"],
+    }
+    entry = data["rules"]["virtualization-when-docked"]
+    assert entry["active"] and len(entry["matches"]) == 2 and entry["why"][0].startswith("rule ")
+
+
+def test_explain_unknown_module(
+    capsys: pytest.CaptureFixture[str], registry: Path, recording_paths: dict[str, Path]
+) -> None:
+    dump = str(recording_paths["dgx"])
+    code, _, err = run(capsys, "explain", "gamin", "--rules", RULES, "--udev-db", dump)
+    assert (
+        code == 2
+        and err == "runtime-modules: no rule names module 'gamin'; did you mean 'gaming'?\n"
+    )
+    code, out, _ = run(
+        capsys,
+        "explain",
+        "office",
+        "--registry",
+        str(registry),
+        "--rules",
+        RULES,
+        "--udev-db",
+        dump,
+    )
+    assert code == 0 and out == "office: not wanted: no rule names it (it changes only by hand)\n"
+    code, _, err = run(
+        capsys, "explain", "offic", "--registry", str(registry), "--rules", RULES, "--udev-db", dump
+    )
+    assert code == 2 and "did you mean 'office'?" in err
+
+
+@pytest.mark.usefixtures("udevd")
+def test_explain_the_live_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    needs = load_rules([EXAMPLE_RULES]).needs()
+    world = live_world(needs)
+    assert world.devices["/devices/virtual/net/lo"].subsystem == "net"  # net is needed
+    assert "lo" in {link.ifname for link in world.links.values()}
+    # Only what the rules need: their subsystems, and the ancestors of such devices.
+    assert needs.subsystems is not None
+    for d in world.devices.values():
+        assert d.subsystem in needs.subsystems or any(
+            p.startswith(d.devpath + "/") for p in world.devices
+        )
+    code, out, _ = run(capsys, "explain", "--rules", RULES)
+    heads = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert code == 0 and [h.split(": ")[0] for h in heads] == ["gaming", "lab", "virtualization"]
+    assert all(h.split(": ")[1] in ("wanted", "not wanted") for h in heads)
+    assert out.count("  rule ") == 4  # every example rule explained
+
+
+def test_the_installed_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime_modules", "rules", "check", RULES],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("rules OK: 4 rules in 3 files")
