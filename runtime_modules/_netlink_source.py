@@ -2,12 +2,16 @@
 
 A thin shell: it translates RTM_NEWLINK / RTM_DELLINK into world changes and decides nothing.
 
-pyroute2 encodes and parses the messages; the socket is our own. pyroute2 ≥ 0.9 performs its
-socket I/O inside a private asyncio loop, so its file descriptor being readable says nothing about
-messages it has already queued, and an overrun (ENOBUFS) turns into a synthetic error message.
-A daemon driven by one ``selectors`` loop needs the opposite: readiness that means "read me", and
-ENOBUFS as the exception that tells it to re-enumerate. A plain non-blocking AF_NETLINK socket
-bound to RTMGRP_LINK gives exactly that.
+The socket is a plain non-blocking AF_NETLINK socket bound to RTMGRP_LINK, read by the daemon's
+``selectors`` loop: readable means "read me", and an overrun is ENOBUFS from recv(2), the signal
+to re-enumerate. (pyroute2 ≥ 0.9 reads its sockets inside a private asyncio loop, where readiness
+says nothing about messages already queued and an overrun becomes a synthetic message.)
+
+The messages are decoded here, with ``struct``: a link message is a 16-byte header, a 16-byte
+ifinfomsg and a list of attributes, and we need five of them (rtnetlink(7), <linux/if_link.h>).
+That spares the daemon pyroute2, whose package imports all of itself on any import: about 15 MiB
+of resident memory and 60 ms of start-up for the few lines below. The tests check this decoder
+against pyroute2's on the same kernel messages.
 
 The network namespace is the caller's choice (``netns``): the socket is created by a short-lived
 thread that enters the namespace with setns(2), which affects that thread only; a socket keeps
@@ -22,16 +26,11 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-from pyroute2.netlink import NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWLINK, RTMGRP_LINK
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from ._errors import ConfigError
 from ._world import Link, LinkRemoved, LinkUpsert, OperState, WorldChange, WorldReplaced
@@ -52,6 +51,20 @@ DEFAULT_RCVBUF = 1 << 20
 MAX_RECVS_PER_READ = 64  # bounds one read() under a storm, so other sources get their turn
 DUMP_TIMEOUT = 5.0  # the kernel answers a link dump in microseconds; 5 s means it is stuck
 DUMP_RETRIES = 8  # a dump interrupted by concurrent changes (NLM_F_DUMP_INTR) is redone
+
+# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x300
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTMGRP_LINK = 0x1
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_CARRIER = 1, 3, 16, 18, 33
+IFLA_INFO_KIND = 1
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+# IF_OPER_* in RFC 2863 order (<linux/if.h>)
+_OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_ATTR = struct.Struct("=HH")  # rtattr: length, type
 
 _seq = itertools.count(1)
 
@@ -108,55 +121,88 @@ def _open_socket(netns: str | None, *, nonblocking: bool) -> socket.socket:
     return result[0]
 
 
-def link_from_message(msg: Any) -> Link:
-    """Translate an ifinfmsg (RTM_NEWLINK/RTM_DELLINK or a dump entry) into a ``Link``."""
-    carrier = msg.get_attr("IFLA_CARRIER")
-    mac = msg.get_attr("IFLA_ADDRESS")
-    name = msg.get_attr("IFLA_IFNAME")
+def _align(n: int) -> int:
+    return (n + 3) & ~3  # NLMSG_ALIGN / RTA_ALIGN: 4 bytes
+
+
+def _attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    attrs: dict[int, bytes] = {}
+    while start + _ATTR.size <= end:
+        length, kind = _ATTR.unpack_from(data, start)
+        if length < _ATTR.size or start + length > end:
+            break  # malformed: keep what was read
+        attrs[kind & NLA_TYPE_MASK] = data[start + _ATTR.size : start + length]
+        start += _align(length)
+    return attrs
+
+
+def _string(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """The netlink messages in one datagram: (type, flags, sequence, payload)."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, flags, seq, _port = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size or offset + length > len(data):
+            break
+        yield kind, flags, seq, data[offset + _HEADER.size : offset + length]
+        offset += _align(length)
+
+
+def link_from_message(payload: bytes) -> Link | None:
+    """Translate an ifinfomsg payload (RTM_NEWLINK, RTM_DELLINK, a dump entry) into a ``Link``.
+
+    None for what is not a link: too short, or a family other than AF_UNSPEC (bridges report
+    their ports as AF_BRIDGE messages, and an AF_BRIDGE RTM_DELLINK means "left the bridge").
+    """
+    if len(payload) < _IFINFO.size:
+        return None
+    family, _type, index, _flags, _change = _IFINFO.unpack_from(payload)
+    if family != socket.AF_UNSPEC:
+        return None
+    attrs = _attributes(payload, _IFINFO.size, len(payload))
+    kind = None
+    if (info := attrs.get(IFLA_LINKINFO)) is not None:
+        kind = _string(_attributes(info, 0, len(info)).get(IFLA_INFO_KIND))
+    oper = attrs.get(IFLA_OPERSTATE)
+    carrier = attrs.get(IFLA_CARRIER)
+    mac = attrs.get(IFLA_ADDRESS)
     return Link(
-        index=int(msg["index"]),
-        ifname=name if isinstance(name, str) else "",
-        kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
-        operstate=OperState.parse(msg.get_attr("IFLA_OPERSTATE")),
-        carrier=None if carrier is None else bool(carrier),
-        mac=mac.lower() if isinstance(mac, str) else None,
+        index=index,
+        ifname=_string(attrs.get(IFLA_IFNAME)) or "",
+        kind=kind,
+        operstate=OperState.parse(_OPERSTATES[oper[0]] if oper and oper[0] < 7 else None),
+        carrier=bool(carrier[0]) if carrier else None,
+        mac=mac.hex(":") if mac else None,
     )
-
-
-def _is_link_message(msg: Any) -> bool:
-    # Bridges also report their ports as RTM_NEWLINK/RTM_DELLINK with family AF_BRIDGE; an
-    # AF_BRIDGE RTM_DELLINK means "left the bridge", not "link gone". Only AF_UNSPEC is a link.
-    return bool(msg["header"]["type"] in (RTM_NEWLINK, RTM_DELLINK) and msg["family"] == 0)
 
 
 def _dump(sock: socket.socket) -> list[Link] | None:
     """One RTM_GETLINK dump on a blocking socket; None when the kernel says it was interrupted."""
-    seq = next(_seq)
-    request = ifinfmsg()
-    request["family"] = socket.AF_UNSPEC
-    request["header"]["type"] = RTM_GETLINK
-    request["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
-    request["header"]["sequence_number"] = seq
-    request.encode()
-    sock.send(request.data)
-    marshal = MarshalRtnl()
+    seq = next(_seq) & 0xFFFFFFFF
+    request = _HEADER.pack(
+        _HEADER.size + _IFINFO.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    )
+    sock.send(request + _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
     links: list[Link] = []
     interrupted = False
     while True:
-        data = sock.recv(RECV_SIZE)
-        for msg in marshal.parse(data):
-            header = msg["header"]
-            if header["sequence_number"] != seq:
+        for kind, flags, got, payload in messages(sock.recv(RECV_SIZE)):
+            if got != seq:
                 continue
-            if header.get("flags", 0) & NLM_F_DUMP_INTR:
-                interrupted = True
-            error = header.get("error")
-            if header["type"] == NLMSG_ERROR and error is not None:
-                raise OSError(getattr(error, "code", errno.EIO), f"link dump failed: {error}")
-            if header["type"] == NLMSG_DONE:
+            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+            if kind == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else errno.EIO
+                if code:
+                    raise OSError(code, f"link dump failed: {os.strerror(code)}")
+            elif kind == NLMSG_DONE:
                 return None if interrupted else links
-            if _is_link_message(msg):
-                links.append(link_from_message(msg))
+            elif kind == RTM_NEWLINK and (link := link_from_message(payload)) is not None:
+                links.append(link)
 
 
 def enumerate_links(netns: str | None = None) -> list[Link]:
@@ -181,7 +227,6 @@ class NetlinkSource:
     def __init__(self, netns: str | None = None, *, receive_buffer: int = DEFAULT_RCVBUF) -> None:
         self.netns = netns
         self.resyncs = 0
-        self._marshal = MarshalRtnl()
         self.sock = _open_socket(netns, nonblocking=True)
         try:
             try:
@@ -226,13 +271,16 @@ class NetlinkSource:
         return changes
 
     def changes_of(self, data: bytes) -> Iterator[WorldChange]:
-        for msg in self._marshal.parse(data):
-            if not _is_link_message(msg):
+        for kind, _flags, _seq, payload in messages(data):
+            if kind not in (RTM_NEWLINK, RTM_DELLINK):
                 continue
-            if msg["header"]["type"] == RTM_DELLINK:
-                yield LinkRemoved(int(msg["index"]))
+            link = link_from_message(payload)
+            if link is None:
+                continue
+            if kind == RTM_DELLINK:
+                yield LinkRemoved(link.index)
             else:
-                yield LinkUpsert(link_from_message(msg))
+                yield LinkUpsert(link)
 
     def resync(self) -> WorldReplaced:
         """Discard what is queued (older than the dump) and dump all links anew."""

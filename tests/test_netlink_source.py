@@ -127,3 +127,28 @@ def test_other_namespaces_are_not_heard(netns: str) -> None:
 def test_unknown_namespace_is_a_config_error(name: str) -> None:
     with pytest.raises(ConfigError, match="ip netns"):
         NetlinkSource(name)
+
+
+def test_our_decoder_agrees_with_pyroute2(netns: str) -> None:
+    from pyroute2 import IPRoute
+
+    ip_netns(netns, "link", "add", "br0", "type", "bridge")
+    ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    ip_netns(netns, "link", "set", "va", "master", "br0", "up")
+    ip_netns(netns, "link", "set", "vb", "up")
+    ip_netns(netns, "link", "set", "lo", "up")
+    with IPRoute(netns=netns, flags=0) as ipr:
+        theirs = {
+            msg["index"]: Link(
+                index=msg["index"],
+                ifname=msg.get_attr("IFLA_IFNAME"),
+                kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+                operstate=OperState.parse(msg.get_attr("IFLA_OPERSTATE")),
+                carrier=bool(msg.get_attr("IFLA_CARRIER")),
+                mac=msg.get_attr("IFLA_ADDRESS"),
+            )
+            for msg in ipr.get_links()
+        }
+    ours = {link.index: link for link in enumerate_links(netns)}
+    assert ours == theirs
+    assert {link.kind for link in ours.values()} == {None, "bridge", "veth"}
