@@ -463,3 +463,18 @@ sysname = "lo"
     assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
     assert "/devices/virtual/net/lo" in daemon.world.devices
     assert daemon.world.links  # the links of the namespace are still known
+
+
+def test_stored_pins_survive_a_restart_and_expire_on_time(
+    make_daemon: Any, fake_system: FakeSystem
+) -> None:
+    from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
+
+    store = OverrideStore.from_settings(fake_system.settings)
+    now = time.time()
+    source = OverrideSource(uid=0, user="root", command="runtime-modules enable gaming --for 1s")
+    store.pin(["gaming"], OverrideState.ON, until=now + 1.0, source=source, persist=False, now=now)
+    daemon = make_daemon(_rule())  # no link is up: only the pin wants anything
+    assert daemon.run_until(lambda: daemon.applied == {"gaming"}, 10)
+    assert daemon.run_until(lambda: daemon.applied == frozenset(), 10)  # expired: back to rules
+    assert store.load(time.time()).pins == {}  # and gone from the store
