@@ -208,13 +208,18 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Needs:
-    """What evaluating a rule set needs from the live sources, so they read nothing more."""
+    """What evaluating a rule set needs from the live sources, so they read nothing more.
+
+    Both filters are safe on their own: every device that some device condition (``parent``
+    ones included) can match has one of ``subsystems`` when it is not None, and carries one of
+    ``tags`` when it is not empty.
+    """
 
     subsystems: frozenset[str] | None  # None: some device condition has no literal subsystem
-    tags: frozenset[str]
-    attributes: frozenset[str]
-    links: bool
-    devices: bool
+    tags: frozenset[str]  # empty: some device condition requires no literal tag
+    attributes: frozenset[str]  # the sysfs attributes conditions test
+    links: bool  # some rule has a link condition
+    devices: bool  # some rule has a device condition
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +245,7 @@ class RuleSet:
 
     def needs(self) -> Needs:
         subsystems: set[str] | None = set()
-        tags: set[str] = set()
+        tags: set[str] | None = set()
         attributes: set[str] = set()
         links = devices = False
         for device in _device_conditions(r.when for r in self.rules):
@@ -250,14 +255,17 @@ class RuleSet:
                 subsystems = None
             elif subsystems is not None:
                 subsystems |= literals
-            for pattern in device.tags:
-                tags |= pattern.literals or set()
+            required = set().union(*(p.literals or () for p in device.tags))
+            if not required:
+                tags = None
+            elif tags is not None:
+                tags |= required
             attributes.update(k for k, _ in device.attributes)
         for r in self.rules:
             links = links or any(isinstance(c, LinkCondition) for c in walk(r.when))
         return Needs(
             subsystems=None if subsystems is None else frozenset(subsystems),
-            tags=frozenset(tags),
+            tags=frozenset(tags or ()),
             attributes=frozenset(attributes),
             links=links,
             devices=devices,
@@ -700,6 +708,11 @@ def _problems_from(exc: ValidationError, raw: object, index: int, source: str) -
                 hint = 'e.g. modules = ["gaming"]'
             elif kind == "too_short":
                 hint = hint or "give at least one item"
+            elif kind.startswith("model") and loc and loc[-1] in ("device", "link", "parent"):
+                hint = (
+                    f"one table: [rule.when.{loc[-1]}]; for several, use [[rule.when.all]] "
+                    "or [[rule.when.any]] with one condition each"
+                )
         else:
             message = err["msg"]
         problems.append(RuleProblem(source, rule, _field(loc) or None, message, hint))

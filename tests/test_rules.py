@@ -15,6 +15,7 @@ from runtime_modules._rules import (
     AnyOf,
     DeviceCondition,
     LinkCondition,
+    Needs,
     Not,
     RuleSet,
     load_rules,
@@ -183,21 +184,16 @@ def test_bad_durations(bad: object) -> None:
 
 
 def test_needs() -> None:
-    rules = parse_rules(
-        ISSUE_EXAMPLE
-        + rule(
-            '[rule.when.device]\ntags = ["seat", "u*"]\nattributes = { boot_vga = "0" }', ""
-        ).replace('name = "r"', 'name = "s"'),
-        "r.toml",
-    )
-    needs = rules.needs()
-    assert needs.subsystems is None  # the last rule names no subsystem
-    assert needs.tags == frozenset({"seat"})  # "u*" cannot be a kernel filter
+    tagged = rule('[rule.when.device]\ntags = ["seat", "u*"]\nattributes = { boot_vga = "0" }')
+    needs = parse_rules(ISSUE_EXAMPLE + tagged, "r.toml").needs()
+    assert needs.subsystems is None  # the last rule names no subsystem: listen to all
+    assert needs.tags == frozenset()  # the other rules require no tag: no tag filter either
     assert needs.attributes == frozenset({"boot_vga"})
     assert needs.links and needs.devices
     only = parse_rules(ISSUE_EXAMPLE, "r.toml").needs()
     assert only.subsystems == frozenset({"pci", "net", "usb"})  # parents' subsystems included
-    assert RuleSet().needs().devices is False
+    assert parse_rules(tagged, "r.toml").needs().tags == frozenset({"seat"})  # "u*" is no filter
+    assert RuleSet().needs() == Needs(frozenset(), frozenset(), frozenset(), False, False)
 
 
 # --- errors: file, rule, field, hint --------------------------------------------------------
@@ -344,11 +340,12 @@ def test_bad_durations_name_the_field(value: str) -> None:
             "not a sysfs attribute",
         ),
         ('[rule.when.device]\nparent = "usb"', "when.device.parent", "must be a table"),
+        ('[[rule.when.device]]\nsubsystem = "pci"', "when.device", "must be a table"),
     ],
 )
 def test_bad_values(text: str, field: str, message: str) -> None:
     p = one(rule(text))
-    assert p.field == field and message in p.message
+    assert p.field == field and message in p.message and p.hint
 
 
 def test_rule_without_a_name_is_numbered_and_names_are_checked() -> None:
