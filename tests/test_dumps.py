@@ -207,7 +207,7 @@ def test_umockdev_lines_and_escapes(umockdev_wrapper: str, tmp_path: Path) -> No
 
     testbed = UMockdev.Testbed.new()
     # (umockdev itself insists on E: SUBSYSTEM, so the hub's record alone.)
-    assert testbed.add_from_string(UMOCKDEV.split("\n\n")[0] + "\n")
+    assert testbed.add_from_string(UMOCKDEV.split("\n\n", maxsplit=1)[0] + "\n")
     written = Path(testbed.get_sys_dir(), hub.devpath.lstrip("/"), "manufacturer").read_text()
     assert hub.attributes["manufacturer"] == written.rstrip("\n") == "Lenovo\\Dock\tAA"
 
