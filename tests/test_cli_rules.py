@@ -181,8 +181,9 @@ def test_simulate_replays_events(capsys: pytest.CaptureFixture[str], tmp_path: P
         "ACTION=add\nDEVPATH=/devices/pci0000:00/0000:00:03.0/0000:09:00.0\nSUBSYSTEM=pci\n"
         "PCI_ID=10DE:2484\nPCI_CLASS=30000\n\n"
     )
-    code, out, _ = run(capsys, "simulate", "--events", str(capture), "--rules", RULES)
+    code, out, err = run(capsys, "simulate", "--events", str(capture), "--rules", RULES)
     assert code == 0 and out.startswith(f"replaying {capture}")
+    assert err.startswith("simulate: no --udev-db, --umockdev or --links given")
     assert "apply #1 would start: {gaming}" in out
 
 

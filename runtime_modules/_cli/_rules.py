@@ -304,6 +304,11 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     known = _known_modules(args, settings, implicit=False)
     rules = _load(settings, known)
     world = _world_from_args(args)
+    if not _recorded(args):
+        print(
+            "simulate: no --udev-db, --umockdev or --links given: starting from an empty machine",
+            file=sys.stderr,
+        )
     if getattr(args, "events", None):
         from .._replay import run_events
 
