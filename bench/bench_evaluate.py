@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime_modules._dumps import read_udev_db
 from runtime_modules._evaluate import IncrementalEvaluator, evaluate
 from runtime_modules._rules import RuleSet, parse_rules
 from runtime_modules._world import (
@@ -118,7 +119,8 @@ def make_world(n_devices: int, n_links: int, seed: int = 1) -> World:
             devices.extend(dock(rng.choice(roots), port, rng))
             port += 1
         elif kind == "pci":
-            devices.append(_pci(f"{rng.choice(bridges)}/0000:{n % 256:02x}:00.{n % 8}", rng))
+            # Bus numbers from the running count keep every devpath distinct.
+            devices.append(_pci(f"{rng.choice(bridges)}/0000:{n >> 3:04x}:00.{n % 8}", rng))
         elif kind == "net":
             path = f"{rng.choice(bridges)}/net/enp{n}s0"
             devices.append(Device(devpath=path, subsystem="net", properties={"ID_BUS": "pci"}))
@@ -280,10 +282,18 @@ def make_changes(world: World, n: int, seed: int = 2) -> list[WorldChange]:
 
 
 def run(
-    n_rules: int, n_devices: int, n_links: int, n_events: int, repeat: int = 5
+    n_rules: int,
+    n_devices: int,
+    n_links: int,
+    n_events: int,
+    *,
+    repeat: int = 5,
+    recording: Path | None = None,
 ) -> dict[str, float]:
     rules = make_rules(n_rules)
     world = make_world(n_devices, n_links)
+    if recording is not None:  # a real machine's devices instead of the synthetic ones
+        world = World.of(read_udev_db(recording), list(world.links.values()))
     full = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -312,6 +322,7 @@ def run(
         "events_per_s": len(changes) / elapsed,
         "apply_us": applying / len(changes) * 1e6,
         "active_rules": sum(1 for r in inc.results().values() if r.holds),
+        "devices": len(world.devices),
     }
 
 
@@ -321,9 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=5000)
     p.add_argument("--links", type=int, default=100)
     p.add_argument("--events", type=int, default=20000)
+    p.add_argument(
+        "--udev-db",
+        type=Path,
+        metavar="FILE",
+        help="evaluate on this `udevadm info --export-db` dump instead of a synthetic world "
+        "(e.g. ../shared/fixtures/udev-db/gpu-nvidia-4x-v100-dgx-station.udevdb.txt)",
+    )
     args = p.parse_args(argv)
-    r = run(args.rules, args.devices, args.links, args.events)
-    print(f"world: {args.devices} devices, {args.links} links; {args.rules} rules")
+    r = run(args.rules, args.devices, args.links, args.events, recording=args.udev_db)
+    where = f" from {args.udev_db}" if args.udev_db else ""
+    print(f"world: {r['devices']:.0f} devices{where}, {args.links} links; {args.rules} rules")
     print(f"full evaluation:    {r['full_s'] * 1000:8.1f} ms (median of 5)")
     print(f"incremental reset:  {r['reset_s'] * 1000:8.1f} ms (coldplug)")
     print(f"incremental update: {r['update_us']:8.1f} µs per change ({r['events_per_s']:,.0f}/s)")
