@@ -12,6 +12,7 @@ some subsystems live must therefore insert a device's ancestors along with it.
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -136,13 +137,17 @@ class World:
     Copy with ``copy()`` when a snapshot must not move (``simulate`` does, the daemon does not).
     """
 
-    __slots__ = ("devices", "links")
+    __slots__ = ("_paths", "devices", "links")
 
     def __init__(
         self, devices: Mapping[str, Device] | None = None, links: Mapping[int, Link] | None = None
     ) -> None:
+        # Read-only for everyone but this class: ``_paths`` must stay in step with ``devices``.
         self.devices: dict[str, Device] = dict(devices or {})
         self.links: dict[int, Link] = dict(links or {})
+        # Devpaths in sorted order, so that a device's descendants are one contiguous slice:
+        # removing a hub finds its children in O(log n), not by scanning every device.
+        self._paths: list[str] = sorted(self.devices)
 
     @classmethod
     def of(
@@ -169,16 +174,14 @@ class World:
         """Make ``change`` true of this world."""
         match change:
             case DeviceUpsert(device):
-                self.devices[device.devpath] = device
+                self._put(device)
             case DeviceRemoved(devpath):
                 # A removed parent takes its children with it (the kernel removes them first,
                 # but a lost event must not leave orphans behind).
-                self.devices.pop(devpath, None)
-                for path in [p for p in self.devices if is_ancestor_path(devpath, p)]:
-                    del self.devices[path]
+                self._remove_subtree(devpath)
             case DeviceMoved(old_devpath, device):
-                self.devices.pop(old_devpath, None)
-                self.devices[device.devpath] = device
+                self._drop(old_devpath)
+                self._put(device)
             case LinkUpsert(link):
                 self.links[link.index] = link
             case LinkRemoved(index):
@@ -186,8 +189,32 @@ class World:
             case WorldReplaced(devices, links):
                 if devices is not None:
                     self.devices = {d.devpath: d for d in devices}
+                    self._paths = sorted(self.devices)
                 if links is not None:
                     self.links = {link.index: link for link in links}
+
+    def _put(self, device: Device) -> None:
+        if device.devpath not in self.devices:
+            bisect.insort(self._paths, device.devpath)
+        self.devices[device.devpath] = device
+
+    def _drop(self, devpath: str) -> None:
+        if self.devices.pop(devpath, None) is not None:
+            del self._paths[bisect.bisect_left(self._paths, devpath)]
+
+    def _remove_subtree(self, devpath: str) -> None:
+        self._drop(devpath)
+        # Descendants sort between "<devpath>/" and "<devpath>0" ('0' follows '/' in ASCII).
+        lo = bisect.bisect_left(self._paths, devpath + "/")
+        hi = bisect.bisect_left(self._paths, devpath + "0", lo)
+        for path in self._paths[lo:hi]:
+            del self.devices[path]
+        del self._paths[lo:hi]
+
+    def descendants(self, devpath: str) -> list[str]:
+        """Devpaths of the recorded descendants of ``devpath``, in sorted order."""
+        lo = bisect.bisect_left(self._paths, devpath + "/")
+        return self._paths[lo : bisect.bisect_left(self._paths, devpath + "0", lo)]
 
     def ancestors(self, device: Device) -> Iterator[Device]:
         """The recorded ancestors of ``device``, nearest first."""

@@ -66,3 +66,23 @@ def test_operstate_parses_kernel_spelling() -> None:
     assert OperState.parse("LOWERLAYERDOWN") is OperState.LOWERLAYERDOWN
     assert OperState.parse("bogus") is OperState.UNKNOWN
     assert OperState.parse(None) is OperState.UNKNOWN
+
+
+def test_removal_takes_exactly_the_subtree() -> None:
+    hub = Device(devpath="/devices/usb1/1-1")
+    kids = [Device(devpath=f"/devices/usb1/1-1/1-1.{i}") for i in range(3)]
+    grandkid = Device(devpath="/devices/usb1/1-1/1-1.0/1-1.0:1.0/net/enx1")
+    sibling = Device(devpath="/devices/usb1/1-10")  # a prefix of the text, not of the path
+    world = World.of([hub, *kids, grandkid, sibling])
+    assert world.descendants(hub.devpath) == sorted([k.devpath for k in kids] + [grandkid.devpath])
+    world.apply(DeviceRemoved(hub.devpath))
+    assert world == World.of([sibling])
+    assert world.descendants("/devices/usb1") == [sibling.devpath]
+    # The index follows moves and replacements too.
+    world.apply(DeviceMoved(sibling.devpath, Device(devpath="/devices/usb2/2-1")))
+    assert world.descendants("/devices/usb2") == ["/devices/usb2/2-1"]
+    world.apply(WorldReplaced(devices=(hub,), links=None))
+    assert world.descendants("/devices/usb1") == [hub.devpath]
+    world.apply(DeviceUpsert(kids[0]))
+    world.apply(DeviceUpsert(kids[0]))
+    assert world.descendants(hub.devpath) == [kids[0].devpath]
