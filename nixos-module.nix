@@ -35,7 +35,6 @@ let
     optionals
     optionalAttrs
     optionalString
-    concatMap
     concatMapStrings
     concatStringsSep
     filter
@@ -357,7 +356,8 @@ let
     text = builtins.readFile ./udev/90-runtime-modules.rules;
   };
 
-  seconds = x: toString x;
+  # "0.5", "30": what Python's float() reads (toString would give "0.500000").
+  seconds = builtins.toJSON;
 
   # systemd/runtime-modules.service for NixOS; tests/test_systemd_unit.py compares the two.
   service = {

@@ -29,11 +29,11 @@ python3Packages.buildPythonApplication {
   build-system = [ python3Packages.setuptools ];
 
   # pyproject.toml's [project] dependencies; tests/test_nixos_module.py keeps the lists in step.
-  dependencies = with python3Packages; [
-    pydantic
-    pyudev
-    pyroute2
-    # python-systemd; renamed in nixpkgs from `systemd` to `systemd-python`.
+  dependencies = [
+    python3Packages.pydantic
+    python3Packages.pyudev
+    python3Packages.pyroute2
+    # python-systemd; nixpkgs renamed its attribute from `systemd` to `systemd-python`.
     (python3Packages.systemd-python or python3Packages.systemd)
   ];
 

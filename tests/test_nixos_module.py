@@ -295,7 +295,7 @@ def test_unit_environment_is_the_settings_contract(sample: dict[str, Any]) -> No
         "RUNTIME_MODULES_HOOKS_DIR": "/etc/runtime-modules/hooks",
         "RUNTIME_MODULES_CONTROL_GROUP": "wheel",
         "RUNTIME_MODULES_LOG_LEVEL": "debug",
-        "RUNTIME_MODULES_SETTLE": "0.500000",
+        "RUNTIME_MODULES_SETTLE": "0.5",
         "RUNTIME_MODULES_LINGER": "45",
         "RUNTIME_MODULES_APPLY_TIMEOUT": "1800",
         "RUNTIME_MODULES_HOOK_TIMEOUT": "30",
