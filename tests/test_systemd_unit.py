@@ -1,7 +1,7 @@
 """systemd/runtime-modules.service: valid for systemd, and the NixOS module's unit is the same.
 
 ``systemd-analyze verify`` needs ExecStart= to exist, so it checks a copy whose ExecStart= is this
-checkout's ``runtime-modules`` (the shipped file says /usr/local/bin, where ``pip install`` puts
+checkout's ``runtime-modules`` (the shipped file says /usr/local/bin, where docs/nixos.md links
 it); every other line is the shipped one. The NixOS unit, evaluated with nixpkgs' lib, is compared
 key by key with the file and rendered to a unit file that systemd-analyze verifies too.
 """
