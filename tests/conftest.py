@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.applier",
     "tests.fixtures.world",
     "tests.fixtures.daemon",
+    "tests.reliability.plugin",
 ]
