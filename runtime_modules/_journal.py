@@ -139,6 +139,11 @@ def render(value: object) -> str:
     return str(value)
 
 
+# What ends a line for str.splitlines(), a terminal or a log reader: escaped, so that one entry
+# stays one line on stderr whatever a device or a rebuild put into its message.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def _stderr_value(text: str) -> str:
     # Keep each stderr entry on one line and unambiguous: quote what has spaces or controls.
     if text and all(c.isprintable() and not c.isspace() and c not in "\"'" for c in text):
@@ -224,7 +229,7 @@ class Journal:
         stream = self._stderr if self._stderr is not None else sys.stderr
         with self._lock:
             try:
-                stream.write(line.replace("\n", "\\n") + "\n")
+                stream.write(line.translate(_LINE_BREAKS) + "\n")
                 stream.flush()
             except (OSError, ValueError):  # stderr closed: nowhere left to say it
                 pass
