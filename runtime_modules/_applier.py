@@ -286,6 +286,26 @@ class Applier:
         cancel: threading.Event | None = None,
     ) -> ApplyOutcome:
         """Switch to ``target``; see the module docstring. Never half-switches the system."""
+        try:
+            return self._apply(
+                target, reason=reason, force=force, wait=wait, on_output=on_output, cancel=cancel
+            )
+        except StateError as exc:
+            # Nothing ran: the lock or the in-progress record could not be written. The caller
+            # gets the error; the journal gets it too, since a daemon's apply has no terminal.
+            self.journal.send(JournalEvent.STATE_WRITE_FAILED, str(exc), reason=reason)
+            raise
+
+    def _apply(
+        self,
+        target: Target,
+        *,
+        reason: str,
+        force: bool,
+        wait: bool,
+        on_output: Callable[[str], None] | None,
+        cancel: threading.Event | None,
+    ) -> ApplyOutcome:
         if not callable(target):
             target = frozenset(target)
             self.registry.check_known(sorted(target))
