@@ -82,9 +82,10 @@ CASES: tuple[Case, ...] = (
     Case(
         "killed processes",
         "daemon SIGKILLed at a random point of an apply, then restarted (20 seeded runs)",
-        "after the restart: the orphaned rebuild killed, rolled back if it was mid-apply, then "
-        "the wanted set applied once; state true (no apply in progress, applied = running "
-        "system); one line in `failed` module state; journal STATE_RECOVERED",
+        "after the restart: the orphaned rebuild killed and, if the kill was mid-apply, rolled "
+        "back (journal APPLY_ROLLED_BACK, one line: the apply was interrupted); then the wanted "
+        "set applied; no two rebuilds ever at once; state true (applied = running system, "
+        "nothing in progress)",
     ),
     Case(
         "killed processes",
@@ -107,8 +108,9 @@ CASES: tuple[Case, ...] = (
     Case(
         "state directory",
         "state dir read-only when state is written",
-        "nothing runs (or a finished rebuild is rolled back); old state file unchanged; one "
-        "line: `read-only … remount it read-write`; the daemon retries and succeeds once writable",
+        "nothing runs; old state file unchanged; one line naming the state dir and the "
+        "read-only file system; journal STATE_WRITE_FAILED; the daemon retries after its "
+        "backoff and succeeds once writable",
         (
             A + "test_read_only_state_dir_stops_before_anything_runs",
             S + "test_read_only_state_dir_gives_a_clear_error_and_keeps_the_state",

@@ -195,6 +195,8 @@ def _tests_cell(ids: list[str], outcomes: dict[str, _Outcome]) -> str:
         shown = base.removeprefix("tests/")
         bad = [o for o in results if o.status in ("failed", "error", "xpassed")]
         passed = sum(o.status == "passed" for o in results)
+        if len(results) == 1:
+            shown = results[0].nodeid.removeprefix("tests/")
         if len(results) > 1:
             shown += f" ({passed}/{len(results)} passed)"
         elif results[0].status != "passed":
