@@ -30,7 +30,6 @@ import fcntl
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
@@ -51,6 +50,7 @@ from ._errors import ConfigError, PermissionDeniedError, StateError
 from ._reconciler import Override, OverridesChanged, OverrideState, Paused
 from ._registry import MODULE_NAME
 from ._settings import Settings
+from ._state import write_atomically
 
 __all__ = [
     "OverrideSource",
@@ -111,21 +111,36 @@ class Overrides:
     # While paused: the rules' part of the wanted set that the pause keeps (None: whatever the
     # rules wanted when it began; empty after `reset`). See the reconciler's ``Paused``.
     paused_modules: frozenset[str] | None = None
+    # Persistent pins hidden by a runtime pin of the same module; one shows again when the
+    # runtime pin ends.
+    shadowed: Mapping[str, StoredOverride] = field(default_factory=lambda: _EMPTY)
 
     def next_expiry(self) -> float | None:
         """The earliest ``until`` among the pins (wall clock), for one timer instead of polling."""
         return min((p.until for p in self.pins.values() if p.until is not None), default=None)
 
+    def next_reveal(self) -> float | None:
+        """The earliest end of a runtime pin that hides a persistent one (wall clock)."""
+        return min(
+            (p.until for m, p in self.pins.items() if p.until is not None and m in self.shadowed),
+            default=None,
+        )
+
     def reconciler_inputs(
         self, *, wall_now: float, mono_now: float
     ) -> tuple[OverridesChanged, Paused]:
-        """The reconciler's inputs for this view, ``until`` moved onto its clock."""
+        """The reconciler's inputs for this view, ``until`` moved onto its clock.
+
+        A runtime pin that hides a persistent one goes without its ``until``: when it ends, the
+        module goes to the persistent pin, not back to the rules, so the caller (the daemon)
+        removes it at ``next_reveal()`` and feeds the new view instead.
+        """
         overrides = {
             name: Override(
                 module=name,
                 state=pin.state,
                 until=None
-                if pin.until is None
+                if pin.until is None or name in self.shadowed
                 else monotonic_deadline(pin.until, wall_now=wall_now, mono_now=mono_now),
                 source=str(pin.source) + (" (persistent)" if pin.persistent else ""),
             )
@@ -271,10 +286,16 @@ class OverrideStore:
                     f"(remove it with `runtime-modules auto {name}`)"
                 )
                 del merged[name]
+        shadowed = {
+            m: p
+            for m, p in persistent.pins.items()
+            if m in merged and not merged[m].persistent and not p.expired(now)
+        }
         return Overrides(
             pins=MappingProxyType(merged),
             paused=runtime.paused,
             paused_modules=runtime.paused_modules if runtime.paused else None,
+            shadowed=MappingProxyType(shadowed),
         )
 
     # -- changing
@@ -442,7 +463,7 @@ class OverrideStore:
         text = _to_model(layer, now).model_dump_json(indent=2) + "\n"
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            _atomic_write(path, text.encode())
+            write_atomically(path, text.encode())  # 0644: status readers may read it
         except PermissionError:
             raise PermissionDeniedError(
                 f"{path}: changing overrides needs root; run the command with sudo"
@@ -470,27 +491,6 @@ class OverrideStore:
             yield
         finally:
             os.close(fd)  # closing releases the flock
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # readable by status readers; holds no secret
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --- --for and --until ---------------------------------------------------------------------
