@@ -59,9 +59,11 @@ from ._errors import (
 )
 from ._overrides import OverrideSource
 from ._registry import MODULE_NAME
+from ._state import ApplyResult
 
 __all__ = [
     "CHANGE_OPS",
+    "EXIT_CODES",
     "MAX_REQUEST_BYTES",
     "PROTOCOL_VERSION",
     "Accepted",
@@ -220,17 +222,35 @@ class Progress(_Response):
 
 
 class Done(_Response):
-    """How the apply ended: ``exit_code`` is what the CLI exits with (``ExitCode``)."""
+    """How the apply ended: ``exit_code`` is what the CLI exits with (``ExitCode``).
+
+    ``apply_id`` is the daemon's number of the apply (as in ``accepted`` and ``progress``);
+    ``journal_id`` the applier's id of it, as the journal and ``history`` show it.
+    """
 
     type: Literal["done"] = "done"
     apply_id: str | None = None
     ok: bool
-    result: str  # succeeded, unchanged, rolled-back, rollback-failed, vetoed, … (docs/applier.md)
+    result: str  # succeeded, unchanged, failed, … (docs/applier.md), or given-up
     before: list[str] = Field(default_factory=list)
     after: list[str] = Field(default_factory=list)
     message: str = ""
     duration: float | None = None
     exit_code: int = int(ExitCode.OK)
+    journal_id: str | None = None
+
+
+# What the CLI exits with after an apply ended so (docs/applier.md, "Exit codes").
+EXIT_CODES: dict[ApplyResult, ExitCode] = {
+    ApplyResult.SUCCEEDED: ExitCode.OK,
+    ApplyResult.UNCHANGED: ExitCode.OK,
+    ApplyResult.DRY_RUN: ExitCode.OK,
+    ApplyResult.FAILED: ExitCode.FAILURE,
+    ApplyResult.TIMED_OUT: ExitCode.FAILURE,
+    ApplyResult.CANCELLED: ExitCode.FAILURE,
+    ApplyResult.ROLLBACK_FAILED: ExitCode.ROLLBACK_FAILED,
+    ApplyResult.VETOED: ExitCode.VETOED,
+}
 
 
 class StatusResponse(_Response):
@@ -239,7 +259,7 @@ class StatusResponse(_Response):
 
 
 class Ok(_Response):
-    """A request that needs no apply was done (pause, resume)."""
+    """A request that needs no apply was done (pause)."""
 
     type: Literal["ok"] = "ok"
     message: str = ""
