@@ -6,76 +6,79 @@ loop:
 
     udev monitor fd ─┐                           ┌─> journal (MESSAGE_IDs), stdout (--dry-run)
     netlink fd ──────┤                           ├─> sd_notify STATUS= / WATCHDOG=1
-    signal pipe ─────┼─> Pipeline / Reconciler ──┼─> apply worker thread (one at a time)
+    signal pipe ─────┼─> Pipeline / Reconciler ──┼─> apply worker thread (_apply_worker)
     apply pipe ──────┤   (time: CLOCK_BOOTTIME)  └─> listeners (control socket, benchmarks)
-    control socket ──┘   (registered by _control, later)
+    control socket ──┘   (_control_handler: pins, requests, status, events)
 
 The selector's timeout is the reconciler's ``next_wakeup`` (and the other timers registered
 with ``add_timer``): when nothing is pending the loop blocks with no timeout at all, so an idle
 daemon makes no syscall. The watchdog, when systemd asks for one, is the only periodic timer.
 
-Start (coldplug): open the monitors first, then enumerate, so nothing that happens during the
+Start (coldplug): the control socket is opened first, before anything is read, so that a CLI
+started meanwhile queues its request for this daemon instead of applying behind its back. Then
+the monitors are opened, then the machine enumerated, so nothing that happens during the
 enumeration is lost (what the monitors queued meanwhile is applied after it: changes are
-idempotent). Then rules, overrides, the state file's applied set and the rules' truth go to the
-reconciler, and READY=1. A killed daemon's half-done apply is rolled back before (the applier's
-``recover``).
+idempotent). The stored pins and pause, the state file's applied set, the rules and their truth
+go to the reconciler, and READY=1. A killed daemon's half-done apply is rolled back before (the
+applier's ``recover``).
 
 Signals arrive through ``signal.set_wakeup_fd`` as bytes on the signal pipe: SIGHUP reloads the
 registry and rules (an invalid set is rejected and the last good one kept), SIGTERM and SIGINT
 stop: the sources are closed, an apply in flight may finish for ``stop_timeout`` seconds and is
 then cancelled (the applier rolls it back), STOPPING=1, exit 0.
 
-Applies run in a worker thread because ``nixos-rebuild`` takes minutes; the worker posts its
-output lines and its outcome to the loop through the apply pipe, and the loop alone touches the
-reconciler. ``step`` runs one round of the loop, so tests and benchmarks drive the daemon
-in-process; ``subscribe`` gives them (and the control socket) every action, output line and
-apply result; ``on_decision`` gives a benchmark the receive and decision times of each batch.
+``step`` runs one round of the loop, so tests and benchmarks drive the daemon in-process;
+``subscribe`` gives them (and the control socket) every action, output line and apply result;
+``on_decision`` gives a benchmark the receive and decision times of each batch.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import logging
 import os
 import selectors
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ._applier import Applier, ApplyOutcome
-from ._errors import ConfigError, PermissionDeniedError, RuleError, RuntimeModulesError
+from ._applier import Applier
+from ._apply_worker import ApplyWorker
+from ._clocks import boottime
+from ._daemon_events import (
+    ActionTaken,
+    ApplyDone,
+    ApplyOutput,
+    DecisionTimes,
+    Notice,
+    WorldChanged,
+)
+from ._daemon_sources import Sources
+from ._decision_log import DecisionLog
+from ._errors import RuleError, RuntimeModulesError
 from ._journal import Journal, JournalEvent, Priority
 from ._reconciler import Reconciler
 from ._reconciler_events import (
     Action,
-    ApplyCancelled,
     ApplyFinished,
-    ApplyGivenUp,
-    ApplyScheduled,
     Input,
-    OverrideExpired,
     Reason,
     RebuildRequested,
     ReconcilerStatus,
-    RuleActivated,
-    RuleDeactivated,
-    RuleLingering,
-    RuleSettleCancelled,
-    RuleSettling,
     StartApply,
 )
 from ._registry import Registry, load_registry
-from ._replay import Pipeline, describe
-from ._rules import Needs, RuleSet, load_rules
+from ._replay import Pipeline
+from ._rules import RuleSet, load_rules
 from ._settings import Settings
-from ._world import World, WorldChange, WorldReplaced
+from ._world import World, WorldReplaced
+
+if TYPE_CHECKING:
+    from ._control_handler import ControlHandler
 
 __all__ = [
     "ActionTaken",
@@ -95,68 +98,6 @@ log = logging.getLogger(__name__)
 # default TimeoutStopSec of 90 s; the NixOS unit sets TimeoutStopSec to match.
 DEFAULT_STOP_TIMEOUT = 30.0
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-
-
-def boottime() -> float:
-    """CLOCK_BOOTTIME seconds: monotonic, and counting suspend, so that a linger of 30 s is
-    over after a laptop slept for an hour (CLOCK_MONOTONIC would stop while it sleeps)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-# --- what listeners get ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ActionTaken:
-    """The reconciler decided ``action`` at ``now`` (daemon clock); ``text`` says it plainly."""
-
-    action: Action
-    now: float
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyOutput:
-    apply_id: int
-    line: str
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyDone:
-    apply_id: int
-    ok: bool
-    applied: frozenset[str]
-    message: str
-    outcome: ApplyOutcome | None  # None when the applier raised before running anything
-
-
-@dataclass(frozen=True, slots=True)
-class WorldChanged:
-    """A batch of normalized events from one source (for ``runtime-modules events``)."""
-
-    source: str  # "udev" or "netlink"
-    changes: tuple[WorldChange, ...]
-
-
-Notice = ActionTaken | ApplyOutput | ApplyDone | WorldChanged
-
-
-@dataclass(frozen=True, slots=True)
-class DecisionTimes:
-    """One batch whose changes moved some rule's truth (CLOCK_MONOTONIC seconds).
-
-    ``received`` is when the loop woke for the source, ``decided`` when the reconciler
-    answered; a latency benchmark compares them with its own injection times.
-    """
-
-    source: str
-    received: float
-    decided: float
-    changes: int
-    actions: tuple[Action, ...]
-
-
-# --- the loop ----------------------------------------------------------------------------------
 
 
 class _Timer:
@@ -185,6 +126,7 @@ class Daemon:
         out: where readable decision lines go (default: stdout with ``dry_run``, else nowhere).
         on_decision: called with the timings of every batch that changed some rule's truth.
         clock: the reconciler's clock (default CLOCK_BOOTTIME).
+        wall: the wall clock, for pins that end at a moment (tests move it).
         stop_timeout: how long SIGTERM lets an apply in flight finish before cancelling it.
         udev_receive_buffer, netlink_receive_buffer: socket buffer sizes (tests shrink them).
     """
@@ -203,6 +145,7 @@ class Daemon:
         out: TextIO | None = None,
         on_decision: Callable[[DecisionTimes], None] | None = None,
         clock: Callable[[], float] = boottime,
+        wall: Callable[[], float] = time.time,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         udev_receive_buffer: int | None = None,
         netlink_receive_buffer: int | None = None,
@@ -217,39 +160,49 @@ class Daemon:
         self._applier = applier
         self._reconciler = reconciler
         self.notifier = notifier if notifier is not None else Notifier()
-        self.out = out if out is not None else (sys.stdout if dry_run else None)
         self.on_decision = on_decision
         self.clock = clock
+        self.wall = wall
         self.stop_timeout = stop_timeout
-        self.udev_receive_buffer = udev_receive_buffer
-        self.netlink_receive_buffer = netlink_receive_buffer
+        self.log = DecisionLog(
+            self.journal,
+            out if out is not None else (sys.stdout if dry_run else None),
+            dry_run=dry_run,
+            holding=lambda rule: self.pipeline.matches(rule) if self.pipeline else (),
+            modules_of=self._modules_of,
+        )
+        self.sources = Sources(
+            add_reader=self.add_reader,
+            remove_reader=self.remove_reader,
+            on_ready=self._on_source,
+            netns=netns,
+            udev_receive_buffer=udev_receive_buffer,
+            netlink_receive_buffer=netlink_receive_buffer,
+        )
 
         self.selector = selectors.DefaultSelector()
         self.registry: Registry | None = None
         self.pipeline: Pipeline | None = None
+        self.control: ControlHandler | None = None
         self.applied: frozenset[str] = frozenset()
         self.started = False
+        self.started_at: float | None = None  # wall clock, for `status`
         self.stopping = False
         self.stopped = False
         self.stats: collections.Counter[str] = collections.Counter()
 
         self._listeners: list[Callable[[Notice], None]] = []
         self._timers: list[_Timer] = []
-        self._udev: Any = None
-        self._netlink: Any = None
-        self._needs: Needs | None = None
-        self._matches: dict[str, tuple[str, ...]] = {}  # rule -> what made it active last
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._posted: collections.deque[ApplyOutput | ApplyDone] = collections.deque()
-        self._flight: tuple[int, threading.Thread, threading.Event] | None = None
+        self._worker = ApplyWorker(self._notify, self._finish_apply, self._applied_now)
         self._stop_deadline: float | None = None
         self._pending_registry: Registry | None = None
         self._watchdog_due: float | None = None
         self._old_signals: dict[int, Any] = {}
         self._old_wakeup_fd: int | None = None
+        self._closed = False
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_posted)
+        self.selector.register(self._worker.fileno(), selectors.EVENT_READ, self._worker.on_ready)
 
     # --- the parts ------------------------------------------------------------------------
 
@@ -276,6 +229,11 @@ class Daemon:
     def rules(self) -> RuleSet:
         assert self.pipeline is not None, "start() first"
         return self.pipeline.rules
+
+    @property
+    def applying(self) -> int | None:
+        """The apply running now (the reconciler's id), or None."""
+        return self._worker.apply_id
 
     def subscribe(self, listener: Callable[[Notice], None]) -> Callable[[], None]:
         """Call ``listener`` (in the loop's thread) with every notice; returns an unsubscribe."""
@@ -328,28 +286,35 @@ class Daemon:
         )
 
     def start(self) -> None:
-        """Coldplug: recover, enumerate, feed the reconciler, READY=1.
+        """Coldplug: listen, recover, enumerate, feed the reconciler, READY=1.
 
         Raises:
-            RuntimeModulesError: the registry or the rules are invalid (nothing to keep yet).
+            RuntimeModulesError: the registry or the rules are invalid (nothing to keep yet), or
+                another daemon listens on the control socket.
         """
+        from ._control_handler import ControlHandler
         from ._state import load_state
 
         self.registry = load_registry(self.settings.registry)
         rules = self._load(self.registry)
+        self.started_at = self.wall()
+        self.control = ControlHandler(self, wall=self.wall)
+        self.control.open()  # first: a CLI started from now on talks to us (see the docstring)
         if not self.dry_run:
             self.applier.recover()  # a daemon killed mid-apply left it half-done: roll back
         needs = rules.needs()
         world = World()
-        self._open_sources(needs, world)
+        self.sources.open(needs, world)
         state = load_state(self.settings, journal=self.journal)
         self.applied = state.applied
         reconciler = self._reconciler if self._reconciler is not None else Reconciler()
         self.pipeline = Pipeline(rules, reconciler, world)
         now = self.clock()
-        actions = self.pipeline.coldplug(state.applied, now)
-        self._execute(actions, now)
-        self._feed_overrides(now)
+        # Pins and pause before the world: nothing is decided before the first truth, so a
+        # pinned module is not first scheduled and then cancelled.
+        for event in self.control.stored_inputs(state.applied):
+            self._execute(reconciler.handle(event, now), now)
+        self._execute(self.pipeline.coldplug(state.applied, now), now)
         if not self.dry_run and self._uncertain(state):
             self._execute(self.reconciler.handle(RebuildRequested(), now), now)
         self.started = True
@@ -366,7 +331,7 @@ class Daemon:
             applied=self.applied,
             dry_run=self.dry_run,
         )
-        self._echo(
+        self.log.echo(
             f"watching {len(world.devices)} devices and {len(world.links)} links with "
             f"{len(rules.rules)} rules from {', '.join(map(str, self.rule_paths))}; "
             f"applied: {', '.join(sorted(self.applied)) or 'base system'}"
@@ -386,77 +351,9 @@ class Daemon:
             )
         return bool(why)
 
-    def _feed_overrides(self, now: float) -> None:
-        """Pins and pause survive a restart: hand the stored ones to the reconciler."""
-        from ._overrides import OverrideStore
-
-        assert self.registry is not None
-        try:
-            store = OverrideStore.from_settings(self.settings, warn=self._warn)
-            overrides = store.load(time.time(), known={m.name for m in self.registry.modules})
-        except RuntimeModulesError as exc:
-            self._warn(f"overrides not loaded: {exc}")
-            return
-        changed, paused = overrides.reconciler_inputs(wall_now=time.time(), mono_now=now)
-        if changed.overrides:
-            self._execute(self.reconciler.handle(changed, now), now)
-        if paused.paused:
-            self._execute(self.reconciler.handle(paused, now), now)
-
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
+        """A problem the daemon works around (a bad overrides file): journaled as a warning."""
         self.journal.send(JournalEvent.STATE_RECOVERED, message, priority=Priority.WARNING)
-
-    def _open_sources(self, needs: Needs, world: World) -> None:
-        """Open the monitors the rules need, then enumerate into ``world``.
-
-        Raises:
-            PermissionDeniedError, ConfigError: a monitor cannot be opened.
-        """
-        try:
-            self._open_sources_or_fail(needs, world)
-        except PermissionError as exc:
-            self._close_sources()
-            raise PermissionDeniedError(
-                f"cannot listen to udev and netlink events ({exc.strerror}); run watch as root"
-            ) from None
-        except OSError as exc:
-            self._close_sources()
-            raise ConfigError(
-                f"cannot listen to udev and netlink events: {exc}; is this a Linux machine "
-                "with udev (/run/udev) and netlink?"
-            ) from None
-
-    def _open_sources_or_fail(self, needs: Needs, world: World) -> None:
-        from ._netlink_source import NetlinkSource, enumerate_links
-        from ._udev_source import UdevSource, enumerate_devices
-
-        self._close_sources()
-        self._needs = needs
-        if needs.devices:
-            import pyudev
-
-            context = pyudev.Context()
-            self._udev = UdevSource(context, needs, receive_buffer=self.udev_receive_buffer)
-            self.add_reader(self._udev, lambda mask: self._on_source(self._udev, "udev"))
-            world.apply(WorldReplaced(devices=tuple(enumerate_devices(context, needs)), links=None))
-        else:
-            world.apply(WorldReplaced(devices=(), links=None))
-        if needs.links:
-            kwargs = {}
-            if self.netlink_receive_buffer is not None:
-                kwargs["receive_buffer"] = self.netlink_receive_buffer
-            self._netlink = NetlinkSource(self.netns, **kwargs)
-            self.add_reader(self._netlink, lambda mask: self._on_source(self._netlink, "netlink"))
-            world.apply(WorldReplaced(devices=None, links=tuple(enumerate_links(self.netns))))
-        else:
-            world.apply(WorldReplaced(devices=None, links=()))
-
-    def _close_sources(self) -> None:
-        for source in (self._udev, self._netlink):
-            if source is not None:
-                self.remove_reader(source)
-                source.close()
-        self._udev = self._netlink = None
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -524,15 +421,15 @@ class Daemon:
             self._watchdog_due = time.monotonic() + interval if interval else None
         if self._stop_deadline is not None and self._stop_deadline <= time.monotonic():
             self._stop_deadline = None
-            if self._flight is not None:
-                apply_id, _, cancel = self._flight
+            if self._worker.apply_id is not None:
                 self.journal.send(
                     JournalEvent.DAEMON_STOPPING,
-                    f"apply #{apply_id} did not finish within {self.stop_timeout:g}s of the stop "
-                    "request: cancelling it (the previous system is restored)",
+                    f"apply #{self._worker.apply_id} did not finish within "
+                    f"{self.stop_timeout:g}s of the stop request: cancelling it (the previous "
+                    "system is restored)",
                     priority=Priority.WARNING,
                 )
-                cancel.set()
+                self._worker.cancel()
         for timer in self._timers:
             due = timer.next()
             if due is not None:
@@ -570,7 +467,7 @@ class Daemon:
             for change in changes:
                 self.journal.send(JournalEvent.EVENT_RECEIVED, f"{name}: {change}", source=name)
         if self._listeners:
-            self._notify(WorldChanged(name, tuple(changes)))
+            self._notify(WorldChanged(name, tuple(changes)))  # before the world moves
         now = self.clock()
         actions = self.pipeline.feed(changes, now)
         if actions is None:
@@ -585,60 +482,12 @@ class Daemon:
 
     def _execute(self, actions: Iterable[Action], now: float) -> None:
         for action in actions:
-            matches: tuple[str, ...] = ()
-            if isinstance(action, RuleActivated):
-                self._matches[action.rule] = action.matches
-            elif isinstance(action, RuleSettling) and self.pipeline is not None:
-                matches = self.pipeline.matches(action.rule)
-            elif isinstance(action, RuleLingering | RuleDeactivated):
-                matches = self._matches.get(action.rule, ())
-            text = describe(
-                action, now, matches=matches, applied=self.applied, dry_run=self.dry_run
-            )
-            self._journal_action(action, text, now, matches)
-            self._echo(text)
+            text = self.log.record(action, now, self.applied)
+            if isinstance(action, StartApply):
+                # Started before the listeners hear of it, so that they see it running.
+                self._worker.start(self.applier, action, _reason(action.reasons))
             if self._listeners:
                 self._notify(ActionTaken(action, now, text))
-            if isinstance(action, StartApply):
-                self._start_apply(action)
-            elif isinstance(action, RuleDeactivated):
-                self._matches.pop(action.rule, None)
-
-    def _journal_action(
-        self, action: Action, text: str, now: float, matches: tuple[str, ...]
-    ) -> None:
-        send = self.journal.send
-        match action:
-            case RuleActivated(rule=rule, matches=found):
-                send(JournalEvent.RULE_ACTIVATED, text, rule=rule, matches=found,
-                     modules=self._modules_of(rule))  # fmt: skip
-            case RuleLingering(rule=rule, until=until):
-                send(JournalEvent.RULE_LINGERING, text, rule=rule, matches=matches,
-                     linger_left_s=round(until - now, 3))  # fmt: skip
-            case RuleDeactivated(rule=rule):
-                send(JournalEvent.RULE_DEACTIVATED, text, rule=rule, matches=matches)
-            case ApplyScheduled(target=target, at=at):
-                send(JournalEvent.APPLY_SCHEDULED, text, target=target, applied=self.applied,
-                     in_s=round(at - now, 3))  # fmt: skip
-            case ApplyGivenUp(target=target, failures=failures):
-                send(JournalEvent.APPLY_FAILED, text, target=target, failures=failures)
-            case OverrideExpired(module=module):
-                send(JournalEvent.OVERRIDE_EXPIRED, text, module=module)
-                self._drop_expired()
-            case RuleSettling() | RuleSettleCancelled() | ApplyCancelled():
-                if self.journal.enabled_for(Priority.DEBUG):
-                    send(JournalEvent.EVENT_RECEIVED, text, priority=Priority.DEBUG)
-            case StartApply():
-                pass  # the applier journals APPLY_STARTED and the end, with its own apply id
-
-    def _drop_expired(self) -> None:
-        """The reconciler let an override go at its time: remove it from the store too."""
-        from ._overrides import OverrideStore
-
-        try:
-            OverrideStore.from_settings(self.settings, warn=self._warn).expire(time.time())
-        except RuntimeModulesError as exc:
-            self._warn(f"expired override not removed from the store: {exc}")
 
     def _modules_of(self, rule: str) -> tuple[str, ...]:
         if self.pipeline is None:
@@ -647,16 +496,6 @@ class Daemon:
             return self.pipeline.rules.rule(rule).modules
         except KeyError:
             return ()
-
-    def _echo(self, text: str) -> None:
-        if self.out is None:
-            return
-        stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
-        try:
-            self.out.write(f"{stamp}  {text}\n")
-            self.out.flush()
-        except (OSError, ValueError):  # stdout closed (a pipe whose reader left): stop echoing
-            self.out = None
 
     def _notify(self, notice: Notice) -> None:
         for listener in list(self._listeners):
@@ -667,40 +506,6 @@ class Daemon:
 
     # --- applies -----------------------------------------------------------------------------
 
-    def _start_apply(self, action: StartApply) -> None:
-        if self._flight is not None:  # the reconciler never does this; say so if it ever did
-            raise RuntimeError(f"apply #{action.apply_id} started while #{self._flight[0]} runs")
-        cancel = threading.Event()
-        reason = _reason(action.reasons)
-        applier = self.applier
-
-        def work() -> None:
-            outcome: ApplyOutcome | None = None
-            try:
-                outcome = applier.apply(
-                    action.target,
-                    reason=reason,
-                    force=action.force,
-                    wait=True,
-                    on_output=lambda line: self._post(ApplyOutput(action.apply_id, line)),
-                    cancel=cancel,
-                )
-                done = ApplyDone(
-                    action.apply_id, outcome.ok, outcome.after, outcome.message, outcome
-                )
-            except RuntimeModulesError as exc:
-                done = ApplyDone(action.apply_id, False, self._applied_now(), str(exc), None)
-            except Exception as exc:  # never lose the loop's apply slot to a bug
-                log.exception("apply #%d crashed", action.apply_id)
-                done = ApplyDone(
-                    action.apply_id, False, self._applied_now(), f"internal error: {exc}", None
-                )
-            self._post(done)
-
-        thread = threading.Thread(target=work, name=f"apply-{action.apply_id}", daemon=True)
-        self._flight = (action.apply_id, thread, cancel)
-        thread.start()
-
     def _applied_now(self) -> frozenset[str]:
         from ._state import load_state
 
@@ -709,39 +514,14 @@ class Daemon:
         except RuntimeModulesError:
             return self.applied
 
-    def _post(self, item: ApplyOutput | ApplyDone) -> None:
-        """From the worker thread: queue ``item`` and wake the loop."""
-        self._posted.append(item)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already: the loop will drain the queue
-        except OSError as exc:  # closed at shutdown
-            if exc.errno != errno.EBADF:
-                raise
-
-    def _on_posted(self, mask: int) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 4096):
-                pass
-        while self._posted:
-            item = self._posted.popleft()
-            if isinstance(item, ApplyOutput):
-                self._notify(item)
-            else:
-                self._finish_apply(item)
-
     def _finish_apply(self, done: ApplyDone) -> None:
-        assert self._flight is not None and self._flight[0] == done.apply_id
-        self._flight[1].join()
-        self._flight = None
         self.applied = done.applied
         self.stats["applies"] += 1
         if not done.ok:
             self.stats["failed_applies"] += 1
-            self._echo(f"apply #{done.apply_id} failed: {done.message}")
+            self.log.echo(f"apply #{done.apply_id} failed: {done.message}")
         elif not self.dry_run:
-            self._echo(f"apply #{done.apply_id} done: {done.message}")
+            self.log.echo(f"apply #{done.apply_id} done: {done.message}")
         self._notify(done)
         if self._pending_registry is not None:
             self.applier.registry = self._pending_registry
@@ -794,19 +574,19 @@ class Daemon:
                 errors=len(problems) or 1,
                 details=str(exc),
             )
-            self._echo(f"rules rejected, the loaded ones stay: {exc}")
+            self.log.echo(f"rules rejected, the loaded ones stay: {exc}")
             return False
         self.registry = registry
-        if self._flight is None:
+        if self._worker.apply_id is None:
             if self._applier is not None:
                 self._applier.registry = registry
         else:
             self._pending_registry = registry
         now = self.clock()
         needs = rules.needs()
-        if needs != self._needs:
+        if needs != self.sources.needs:
             fresh = World()
-            self._open_sources(needs, fresh)
+            self.sources.open(needs, fresh)
             self.pipeline.world.apply(
                 WorldReplaced(tuple(fresh.devices.values()), tuple(fresh.links.values()))
             )
@@ -816,29 +596,27 @@ class Daemon:
             f"rules reloaded: {len(rules.rules)} rules from {len(rules.sources)} files",
             rules=len(rules.rules),
         )
-        self._echo(f"rules reloaded: {len(rules.rules)} rules")
+        self.log.echo(f"rules reloaded: {len(rules.rules)} rules")
         self._execute(actions, now)
         return True
 
     def stop(self) -> None:
         """SIGTERM: stop listening; let an apply in flight finish or cancel it; then exit."""
         if self.stopping:
-            if self._flight is not None:
-                self._flight[2].set()  # a second SIGTERM: cancel now
+            self._worker.cancel()  # a second SIGTERM: cancel now
             return
         self.stopping = True
-        self._close_sources()
-        if self._flight is None:
+        self.sources.close()
+        apply_id = self._worker.apply_id
+        if apply_id is None:
             status = "stopping"
             self.stopped = True
         else:
-            status = (
-                f"stopping: waiting for apply #{self._flight[0]} (at most {self.stop_timeout:g}s)"
-            )
+            status = f"stopping: waiting for apply #{apply_id} (at most {self.stop_timeout:g}s)"
             self._stop_deadline = time.monotonic() + self.stop_timeout
         self.notifier.stopping(status)
         self.journal.send(JournalEvent.DAEMON_STOPPING, status)
-        self._echo(status)
+        self.log.echo(status)
 
     # --- status and teardown -----------------------------------------------------------------
 
@@ -847,15 +625,21 @@ class Daemon:
         return f"dry run; {line}" if self.dry_run else line
 
     def _update_status(self) -> None:
-        if self.notifier.enabled:
+        if self.notifier.enabled and self.pipeline is not None:
             self.notifier.status(self._status_line())
 
     def close(self) -> None:
-        """Release everything (sockets, pipes, signal handlers). Waits for an apply in flight."""
-        if self._flight is not None:
-            self._flight[2].set()
-            self._flight[1].join()
-        self._close_sources()
+        """Release everything (sockets, pipes, signal handlers). Waits for an apply in flight.
+
+        Call it from the loop's thread; a second call does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._worker.close()
+        if self.control is not None:
+            self.control.close()
+        self.sources.close()
         for signum, handler in self._old_signals.items():
             signal.signal(signum, handler)
         self._old_signals.clear()
@@ -863,7 +647,7 @@ class Daemon:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = None
         self.selector.close()
-        for fd in (self._signal_r, self._signal_w, self._wake_r, self._wake_w):
+        for fd in (self._signal_r, self._signal_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.notifier.close()

@@ -1,0 +1,103 @@
+"""The daemon's view of the machine: the udev and netlink monitors the rules need.
+
+Opened before the enumeration, so that nothing happening during it is lost (what the monitors
+queue meanwhile is applied after it: changes are idempotent). Only what the rules need is
+listened to (``RuleSet.needs``): link rules alone cost no udev monitor, device rules alone no
+netlink socket. A reload whose rules need something else reopens them (and re-enumerates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._errors import ConfigError, PermissionDeniedError
+from ._rules import Needs
+from ._world import World, WorldReplaced
+
+__all__ = ["Sources"]
+
+
+class Sources:
+    """The open monitors. ``on_ready(source, name)`` runs in the loop when one has events.
+
+    Args:
+        add_reader, remove_reader: the loop's, to watch each monitor's descriptor.
+        on_ready: called with the source and its name ("udev", "netlink") when it is readable.
+        netns: the network namespace whose links are watched (None: the daemon's own).
+        udev_receive_buffer, netlink_receive_buffer: socket buffer sizes (tests shrink them).
+    """
+
+    def __init__(
+        self,
+        *,
+        add_reader: Callable[[Any, Callable[[int], None]], None],
+        remove_reader: Callable[[Any], None],
+        on_ready: Callable[[Any, str], None],
+        netns: str | None = None,
+        udev_receive_buffer: int | None = None,
+        netlink_receive_buffer: int | None = None,
+    ) -> None:
+        self._add_reader = add_reader
+        self._remove_reader = remove_reader
+        self._on_ready = on_ready
+        self.netns = netns
+        self.udev_receive_buffer = udev_receive_buffer
+        self.netlink_receive_buffer = netlink_receive_buffer
+        self.needs: Needs | None = None
+        self._udev: Any = None
+        self._netlink: Any = None
+
+    def open(self, needs: Needs, world: World) -> None:
+        """Open the monitors ``needs`` asks for, then enumerate into ``world``.
+
+        Raises:
+            PermissionDeniedError, ConfigError: a monitor cannot be opened.
+        """
+        try:
+            self._open(needs, world)
+        except PermissionError as exc:
+            self.close()
+            raise PermissionDeniedError(
+                f"cannot listen to udev and netlink events ({exc.strerror}); run watch as root"
+            ) from None
+        except OSError as exc:
+            self.close()
+            raise ConfigError(
+                f"cannot listen to udev and netlink events: {exc}; is this a Linux machine "
+                "with udev (/run/udev) and netlink?"
+            ) from None
+
+    def _open(self, needs: Needs, world: World) -> None:
+        from ._netlink_source import NetlinkSource, enumerate_links
+        from ._udev_source import UdevSource, enumerate_devices
+
+        self.close()
+        self.needs = needs
+        if needs.devices:
+            import pyudev
+
+            context = pyudev.Context()
+            udev = UdevSource(context, needs, receive_buffer=self.udev_receive_buffer)
+            self._udev = udev
+            self._add_reader(udev, lambda mask: self._on_ready(udev, "udev"))
+            world.apply(WorldReplaced(devices=tuple(enumerate_devices(context, needs)), links=None))
+        else:
+            world.apply(WorldReplaced(devices=(), links=None))
+        if needs.links:
+            kwargs = {}
+            if self.netlink_receive_buffer is not None:
+                kwargs["receive_buffer"] = self.netlink_receive_buffer
+            netlink = NetlinkSource(self.netns, **kwargs)
+            self._netlink = netlink
+            self._add_reader(netlink, lambda mask: self._on_ready(netlink, "netlink"))
+            world.apply(WorldReplaced(devices=None, links=tuple(enumerate_links(self.netns))))
+        else:
+            world.apply(WorldReplaced(devices=None, links=()))
+
+    def close(self) -> None:
+        for source in (self._udev, self._netlink):
+            if source is not None:
+                self._remove_reader(source)
+                source.close()
+        self._udev = self._netlink = None
