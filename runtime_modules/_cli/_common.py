@@ -23,6 +23,23 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_verb(
+    sub: Any, common: argparse.ArgumentParser, name: str, **kw: Any
+) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` to ``sub``, taking the common flags after the verb too.
+
+    With ``parents=[common]`` alone, a subparser writes its defaults (None) over the same flags
+    given before the verb (``runtime-modules --state-dir X status`` would lose X); suppressing
+    the subparser's defaults keeps what the main parser read.
+    """
+    p: argparse.ArgumentParser = sub.add_parser(name, parents=[common], **kw)
+    shared = {a.dest for a in common._actions}
+    for action in p._actions:
+        if action.dest in shared:
+            action.default = argparse.SUPPRESS
+    return p
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     import shlex
 

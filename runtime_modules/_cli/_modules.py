@@ -1,9 +1,14 @@
 """list, status, enable, disable, reset, rebuild: module verbs.
 
-Read verbs print text, or with ``--json`` the stable shapes documented in docs/applier.md. The
-changing verbs compute their target from what is applied *when their apply gets the lock* (so two
-concurrent `enable`s both land) and go through ``apply_directly``: the one place where a route
-through the daemon's control socket can later be put in front.
+Read verbs print text, or with ``--json`` the stable shapes of docs/applier.md and
+docs/control.md. ``status`` asks the daemon when one runs (it can say *why*: which rule, which
+device or link, which pin); else it reads the state file and the override store.
+
+The changing verbs go to the daemon when one runs (``route_to_daemon``): it pins, applies and
+streams the progress back. With none, they record the pin in the override store (so that a
+daemon started later keeps the user's choice) and apply directly, under the same lock, through
+``apply_directly``; their target is computed from what is applied *when the apply gets the
+lock*, so two concurrent ``enable``s both land.
 """
 
 from __future__ import annotations
@@ -15,74 +20,72 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .._applier import Applier, ApplyOutcome, ApplyResult, Target, current_system, drift
-from .._errors import ConfigError, ExitCode, PermissionDeniedError, StateError
+from .._applier import Applier, ApplyOutcome, Target
+from .._control import EXIT_CODES, StatusRequest, StatusResponse
+from .._errors import ConfigError, ExitCode, NoDaemonError, PermissionDeniedError, StateError
 from .._journal import Journal
-from .._lock import lock_holder
-from .._registry import Registry, load_registry
+from .._registry import load_registry
 from .._settings import Settings
-from .._state import ApplyRecord, State, load_state
-from ._common import print_json
+from .._state import load_state
+from .._status import JSON_VERSION, local_time, module_brief, status_json
+from ._common import add_verb, print_json
+from ._overrides import (
+    add_pin_flags,
+    change_request,
+    check_name_shapes,
+    daemon_client,
+    record_change,
+    route_to_daemon,
+)
 
-JSON_VERSION = 1  # of the --json shapes; bumped only on an incompatible change
+__all__ = ["EXIT_CODES", "JSON_VERSION", "apply_directly", "ensure_can_change"]
+
 ENV_SUDO_GUARD = "RUNTIME_MODULES_SUDO_REEXEC"  # set in the re-executed command: never loop
-
-EXIT_CODES = {
-    ApplyResult.SUCCEEDED: ExitCode.OK,
-    ApplyResult.UNCHANGED: ExitCode.OK,
-    ApplyResult.DRY_RUN: ExitCode.OK,
-    ApplyResult.FAILED: ExitCode.FAILURE,
-    ApplyResult.TIMED_OUT: ExitCode.FAILURE,
-    ApplyResult.CANCELLED: ExitCode.FAILURE,
-    ApplyResult.ROLLBACK_FAILED: ExitCode.ROLLBACK_FAILED,
-    ApplyResult.VETOED: ExitCode.VETOED,
-}
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this group's subcommands to ``sub``."""
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(
-            name, parents=[common], help=help_text, description=help_text
-        )
-        # A subparser's defaults would overwrite the same flags given before the verb.
-        shared = {a.dest for a in common._actions}
-        for action in p._actions:
-            if action.dest in shared:
-                action.default = argparse.SUPPRESS
-        return p
+        return add_verb(sub, common, name, help=help_text, description=help_text)
 
     p = add("list", "List the modules of the registry and their state.")
     p.add_argument("--json", action="store_true", help="print JSON (shape: docs/applier.md)")
     p.set_defaults(func=cmd_list)
 
-    p = add("status", "Show what is applied, each module's state, and the last apply.")
+    p = add(
+        "status",
+        "Show what is applied, each module's state and why, the last apply and what comes next.",
+    )
     p.add_argument("modules", nargs="*", metavar="MODULE", help="only these modules")
-    p.add_argument("--json", action="store_true", help="print JSON (shape: docs/applier.md)")
+    p.add_argument("--json", action="store_true", help="print JSON (shape: docs/control.md)")
     p.set_defaults(func=cmd_status)
 
     for name, func, help_text in (
-        ("enable", cmd_enable, "Enable modules (added to what is applied) and switch."),
-        ("disable", cmd_disable, "Disable modules (removed from what is applied) and switch."),
+        ("enable", cmd_enable, "Enable modules: pin them on, over the rules, and switch."),
+        ("disable", cmd_disable, "Disable modules: pin them off, over the rules, and switch."),
     ):
         p = add(name, help_text)
         p.add_argument("modules", nargs="+", metavar="MODULE")
+        add_pin_flags(p)
         _apply_flags(p)
         p.set_defaults(func=func)
 
-    p = add("reset", "Disable every module: switch back to the base system.")
+    p = add(
+        "reset",
+        "Back to the base system: every pin removed, automation paused until `resume`.",
+    )
     _apply_flags(p)
     p.set_defaults(func=cmd_reset)
 
-    p = add("rebuild", "Rebuild and switch to what is applied now (always runs nixos-rebuild).")
+    p = add("rebuild", "Rebuild and switch to what is wanted now (always runs nixos-rebuild).")
     _apply_flags(p, force=False)
     p.set_defaults(func=cmd_rebuild)
 
@@ -93,18 +96,19 @@ def _apply_flags(p: argparse.ArgumentParser, *, force: bool = True) -> None:
     p.add_argument(
         "--no-wait",
         action="store_true",
-        help="fail at once (exit 4) when another apply is running, instead of waiting",
+        help="with the daemon: return once it took the request; without: fail at once (exit 4) "
+        "when another apply is running, instead of waiting",
     )
     p.add_argument(
         "--timeout",
         metavar="DURATION",
-        help="kill nixos-rebuild and roll back after this long (e.g. 20m; default 30m) "
-        "[RUNTIME_MODULES_APPLY_TIMEOUT]",
+        help="without the daemon: kill nixos-rebuild and roll back after this long (e.g. 20m; "
+        "default 30m) [RUNTIME_MODULES_APPLY_TIMEOUT]",
     )
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="write the flake and record the result, but run no nixos-rebuild",
+        help="without the daemon: write the flake and record the result, but run no nixos-rebuild",
     )
     p.add_argument(
         "--sudo",
@@ -119,7 +123,7 @@ def _apply_flags(p: argparse.ArgumentParser, *, force: bool = True) -> None:
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     registry = load_registry(settings.registry)
     state = load_state(settings, journal=_journal(settings))
-    rows = [_module_json(registry, state, m.name, brief=True) for m in registry.modules]
+    rows = [module_brief(registry, state, m.name) for m in registry.modules]
     if args.json:
         print_json({"version": JSON_VERSION, "host": registry.host, "modules": rows})
         return int(ExitCode.OK)
@@ -133,10 +137,14 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    registry = load_registry(settings.registry)
-    registry.check_known(args.modules)
-    state = load_state(settings, journal=_journal(settings))
-    data = status_json(settings, registry, state, args.modules)
+    check_name_shapes(args.modules)
+    try:
+        answer = daemon_client(settings).call(StatusRequest(modules=list(args.modules)))
+    except NoDaemonError:
+        data = local_status(settings, args.modules)
+    else:
+        assert isinstance(answer, StatusResponse)
+        data = answer.status
     if args.json:
         print_json(data)
     else:
@@ -144,135 +152,91 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return int(ExitCode.OK)
 
 
-def status_json(
-    settings: Settings, registry: Registry, state: State, only: Sequence[str] = ()
-) -> dict[str, Any]:
-    """The ``status --json`` shape (docs/applier.md); also what a daemon can answer with."""
-    names = list(only) or [m.name for m in registry.modules]
-    holder = lock_holder(settings.lock_file)
-    ip = state.in_progress
-    warnings = [w for w in (state.uncertain, drift(settings, state)) if w]
-    for name in sorted(state.applied & registry.names):
-        changes = registry.module(name).kernel_changes
-        if changes:
-            warnings.append(
-                f"{name} changes {', '.join(changes)}, which take no effect under "
-                "`nixos-rebuild test`: the running kernel keeps its modules and parameters "
-                "until a reboot into a system that has them"
-            )
-    unknown = sorted(state.applied - registry.names)
-    if unknown:
-        warnings.append(
-            f"applied but no longer in the registry: {', '.join(unknown)}; "
-            "the next apply removes them"
-        )
-    return {
-        "version": JSON_VERSION,
-        "host": registry.host,
-        "system": current_system(settings),
-        "applied": sorted(state.applied),
-        "modules": [_module_json(registry, state, n) for n in names],
-        "last_apply": _record_json(state.last_apply),
-        "in_progress": None
-        if ip is None
-        else {
-            "apply_id": ip.apply_id,
-            "pid": ip.pid,
-            "started": _time(ip.started),
-            "reason": ip.reason,
-            "before": sorted(ip.before),
-            "target": sorted(ip.target),
-            "log_path": ip.log_path,
-        },
-        "lock": None
-        if holder is None
-        else {
-            "pid": holder.pid,
-            "command": holder.command,
-            "apply_id": holder.apply_id,
-            "since": _time(holder.since),
-        },
-        "uncertain": state.uncertain,
-        "warnings": warnings,
-    }
+def local_status(settings: Settings, modules: Sequence[str] = ()) -> dict[str, Any]:
+    """The status without a daemon: the state file and the override store."""
+    from .._overrides import OverrideStore
+    from ._overrides import warn
 
-
-def _module_json(
-    registry: Registry, state: State, name: str, *, brief: bool = False
-) -> dict[str, Any]:
-    info = registry.module(name)
-    ms = state.module_status(name)
-    row: dict[str, Any] = {
-        "name": name,
-        "description": info.description,
-        "state": ms.status.value,
-        "applied": name in state.applied,
-    }
-    if not brief:
-        row["message"] = ms.message
-        row["since"] = _time(ms.since)
-        row["kernel_changes"] = list(info.kernel_changes)
-    return row
-
-
-def _record_json(record: ApplyRecord | None) -> dict[str, Any] | None:
-    if record is None:
-        return None
-    return {
-        "apply_id": record.apply_id,
-        "started": _time(record.started),
-        "duration": round(record.duration, 3),
-        "result": record.result.value,
-        "reason": record.reason,
-        "before": sorted(record.before),
-        "after": sorted(record.after),
-        "target": sorted(record.target),
-        "system_before": record.system_before,
-        "system_after": record.system_after,
-        "log_path": record.log_path,
-        "message": record.message,
-    }
-
-
-def _time(ts: float | None) -> str | None:
-    """ISO 8601 in UTC, as JSON consumers parse it."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def _local(iso: str | None) -> str:
-    if iso is None:
-        return "?"
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    registry = load_registry(settings.registry)
+    registry.check_known(modules)
+    state = load_state(settings, journal=_journal(settings))
+    overrides = OverrideStore.from_settings(settings, warn=warn).load(time.time())
+    return status_json(settings, registry, state, modules, overrides=overrides)
 
 
 def _print_status(data: dict[str, Any]) -> None:
+    now = time.time()
     print(f"host {data['host']}, running {data['system'] or '(no current system)'}")
+    daemon = data.get("daemon")
+    if daemon is None:
+        print("no daemon is running: rules are not followed, pins are kept for when it starts")
+    else:
+        since = _at(daemon["since"], now)
+        print(
+            f"daemon pid {daemon['pid']} since {since}" + (", dry run" if daemon["dry_run"] else "")
+        )
+    if data.get("paused"):
+        kept = daemon["paused_modules"] if daemon is not None else None
+        what = f"; the rules' part kept: {' '.join(kept) or 'nothing'}" if kept is not None else ""
+        print(f"automation paused until `runtime-modules resume`{what}")
     print(f"applied: {' '.join(data['applied']) or '(none: the base system)'}")
     rows = data["modules"]
     width = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
-        line = f"  {r['name']:<{width}}  {r['state']}"
+        line = f"  {r['name']:<{width}}  {r['state']:<8}"
+        why = r.get("why")
+        if why is not None:
+            wanted = "wanted" if r.get("wanted") else "not wanted"
+            line += f"  {wanted}: {why['text']}"
         if r["message"]:
-            line += f"  {r['message']}"
-        print(line)
+            line += f"  ({r['message']})"
+        print(line.rstrip())
+    if daemon is not None:
+        applying = daemon["applying"]
+        if applying is not None:
+            target = " ".join(applying["target"]) or "(base)"
+            since = _at(applying["started"], now)
+            print(f"applying now: apply #{applying['apply_id']} -> {target}, since {since}")
+        pending = daemon["pending"]
+        if pending is not None:
+            target = " ".join(pending["target"]) or "(base)"
+            when = (
+                "after the current apply"
+                if pending["at"] is None
+                else f"at {_at(pending['at'], now)}"
+            )
+            print(f"next: {target} {when}" + (" (rebuild)" if pending["rebuild"] else ""))
+        given_up = daemon["given_up"]
+        if given_up is not None:
+            print(
+                f"given up on {' '.join(given_up['target']) or '(base)'} after "
+                f"{given_up['failures']} failures: {given_up['message']}; "
+                "`runtime-modules rebuild` tries again"
+            )
     last = data["last_apply"]
     if last is not None:
         print(
-            f"last apply {last['apply_id']} at {_local(last['started'])}: {last['result']}, "
+            f"last apply {last['apply_id']} at {_at(last['started'], now)}: {last['result']}, "
             f"{last['duration']:.1f} s ({last['reason']})"
         )
         if last["result"] not in ("succeeded", "dry-run"):
             print(f"  {last['message']}")
-    if data["lock"] is not None:
+    if data["lock"] is not None and (daemon is None or daemon["applying"] is None):
         lock = data["lock"]
         print(
             f"applying now: apply {lock['apply_id']} by pid {lock['pid']} ({lock['command']}), "
-            f"since {_local(lock['since'])}"
+            f"since {_at(lock['since'], now)}"
         )
     for w in data["warnings"]:
         print(f"warning: {w}")
+
+
+def _at(iso: str | None, now: float) -> str:
+    from datetime import datetime
+
+    if iso is None:
+        return "?"
+    return local_time(datetime.fromisoformat(iso).timestamp(), now)
 
 
 # -- changing verbs -------------------------------------------------------------------------
@@ -280,33 +244,56 @@ def _print_status(data: dict[str, Any]) -> None:
 
 def cmd_enable(args: argparse.Namespace, settings: Settings) -> int:
     names = frozenset(args.modules)
-    load_registry(settings.registry).check_known(args.modules)
-    return _change(args, settings, lambda applied: applied | names, f"enable {_join(names)}")
+    return _change("enable", args, settings, lambda applied: applied | names)
 
 
 def cmd_disable(args: argparse.Namespace, settings: Settings) -> int:
     names = frozenset(args.modules)
-    load_registry(settings.registry).check_known(args.modules)
-    return _change(args, settings, lambda applied: applied - names, f"disable {_join(names)}")
+    return _change("disable", args, settings, lambda applied: applied - names)
 
 
 def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
-    return _change(args, settings, frozenset(), "reset")
+    code = _change("reset", args, settings, frozenset())
+    if code == ExitCode.OK and not args.dry_run:
+        print(
+            "automation is paused: rules bring no module back until `runtime-modules resume`",
+            file=sys.stderr,
+        )
+    return code
 
 
 def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     args.force = True
-    return _change(args, settings, lambda applied: applied, "rebuild")
+    return _change("rebuild", args, settings, lambda applied: applied)
 
 
-def _join(names: frozenset[str]) -> str:
-    return " ".join(sorted(names))
-
-
-def _change(args: argparse.Namespace, settings: Settings, target: Target, what: str) -> int:
-    if args.timeout is not None:
-        settings = settings.with_(apply_timeout=_timeout(args.timeout))
+def _change(verb: str, args: argparse.Namespace, settings: Settings, target: Target) -> int:
+    """A changing verb: to the daemon when one runs, else pinned and applied here."""
+    now = time.time()
+    names = getattr(args, "modules", [])
+    check_name_shapes(names)
+    request = change_request(verb, args, now=now)  # a bad --for/--until fails before anything
+    timeout = None if args.timeout is None else _timeout(args.timeout)
+    if args.dry_run:
+        if daemon_client(settings).available():
+            raise ConfigError(
+                "--dry-run applies without the daemon, and the daemon is running; leave out "
+                "--dry-run (or try the rules with `runtime-modules watch --dry-run`)"
+            )
+    else:
+        code = route_to_daemon(settings, request, on_daemon=_daemon_notes(args))
+        if code is not None:
+            return code
+    if names:
+        load_registry(settings.registry).check_known(names)
+    if timeout is not None:
+        settings = settings.with_(apply_timeout=timeout)
+    what = verb + "".join(f" {n}" for n in sorted(set(names)))
     reason = f"{what} (runtime-modules by {_user()})"
+    if not args.dry_run:
+        # Pinned first, so that a daemon started meanwhile or later keeps it instead of undoing it.
+        ensure_can_change(settings, sudo=args.sudo)
+        record_change(settings, request, now=now)
     with _cancel_on_signals() as cancel:
         outcome = apply_directly(
             settings,
@@ -325,6 +312,18 @@ def _change(args: argparse.Namespace, settings: Settings, target: Target, what: 
     else:
         print(f"runtime-modules: {outcome.message}", file=sys.stderr)
     return int(code)
+
+
+def _daemon_notes(args: argparse.Namespace) -> Callable[[], None]:
+    def notes() -> None:
+        if args.timeout is not None:
+            print(
+                "runtime-modules: note: --timeout is not used: the daemon applies with its own "
+                "timeout (RUNTIME_MODULES_APPLY_TIMEOUT of the service)",
+                file=sys.stderr,
+            )
+
+    return notes
 
 
 def apply_directly(

@@ -6,11 +6,11 @@ With none, they change the override store directly, which the daemon reads when 
 rule runs without the daemon, so there is nothing to apply now. ``events`` needs the daemon.
 ``history`` reads the journal and needs nothing else.
 
-``enable``/``disable``/``reset``/``rebuild`` (in ``_modules``) use three things from here: the
+``enable``/``disable``/``reset``/``rebuild`` (in ``_modules``) use from here: the
 ``--for``/``--until``/``--persist`` flags (``add_pin_flags``), ``change_request`` to build their
 request and ``route_to_daemon`` to send it when a daemon runs; with none, ``record_change``
 writes the override store before they apply directly, so that a daemon started later keeps the
-user's choice instead of undoing it.
+user's choice instead of undoing it. The verbs without and with a daemon: docs/control.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,8 +45,9 @@ from .._control import (
     StatusResponse,
 )
 from .._errors import ConfigError, ExitCode, NoDaemonError, UnknownModuleError
+from .._registry import MODULE_NAME
 from .._settings import Settings
-from ._common import print_json
+from ._common import add_verb, print_json
 
 # Past the daemon's own apply timeout, silence means it is gone or hung; a minute of slack covers
 # the rollback after a timeout.
@@ -57,13 +58,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this group's subcommands to ``sub``."""
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, parents=[common], **kw)
-        # A subparser's defaults would overwrite the same flags given before the verb.
-        shared = {a.dest for a in common._actions}
-        for action in p._actions:
-            if action.dest in shared:
-                action.default = argparse.SUPPRESS
-        return p
+        return add_verb(sub, common, name, **kw)
 
     p = add_parser(
         "auto",
@@ -144,6 +139,17 @@ def add_pin_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_name_shapes(names: Sequence[str]) -> None:
+    """Refuse what cannot be a module name, before it reaches a request (which would refuse it
+    less clearly)."""
+    for name in names:
+        if not MODULE_NAME.match(name):
+            raise UnknownModuleError(
+                f"unknown module {name!r}: module names are letters, digits and _ . + - "
+                "(see `runtime-modules list`)"
+            )
+
+
 def change_request(verb: str, args: argparse.Namespace, *, now: float) -> Request:
     """The control request for a changing verb of ``_modules`` and its parsed flags.
 
@@ -151,6 +157,7 @@ def change_request(verb: str, args: argparse.Namespace, *, now: float) -> Reques
     """
     from .._overrides import until_from_flags
 
+    check_name_shapes(getattr(args, "modules", []))
     wait = not getattr(args, "no_wait", False)
     force = bool(getattr(args, "force", False))
     if verb in ("enable", "disable"):
@@ -183,7 +190,7 @@ def record_change(settings: Settings, request: Request, *, now: float) -> None:
     """
     from .._overrides import OverrideSource, OverrideState, OverrideStore
 
-    store = OverrideStore.from_settings(settings, warn=_warn)
+    store = OverrideStore.from_settings(settings, warn=warn)
     if isinstance(request, EnableRequest | DisableRequest):
         source = OverrideSource(uid=os.getuid(), user=_user(), command=request.command)
         store.pin(
@@ -217,17 +224,22 @@ def daemon_client(settings: Settings) -> ControlClient:
     return ControlClient(settings.control_socket, idle_timeout=settings.apply_timeout + _IDLE_SLACK)
 
 
-def route_to_daemon(settings: Settings, request: Request) -> int | None:
+def route_to_daemon(
+    settings: Settings, request: Request, *, on_daemon: Callable[[], None] | None = None
+) -> int | None:
     """Send a change to the running daemon and show it through; None when no daemon runs.
 
     The caller applies directly on None (under the same lock the daemon uses). Errors the
-    daemon answers with are raised as ``RuntimeModulesError``s.
+    daemon answers with are raised as ``RuntimeModulesError``s. ``on_daemon`` runs once the
+    daemon answered, before its answers are shown (for notes about flags it does not use).
     """
     try:
         stream = daemon_client(settings).request(request)
         first = next(stream)
     except NoDaemonError:
         return None
+    if on_daemon is not None:
+        on_daemon()
     return show_answers(_chain(first, stream))
 
 
@@ -241,10 +253,8 @@ def show_answers(answers: Iterable[Any]) -> int:
     code = int(ExitCode.OK)
     for answer in answers:
         if isinstance(answer, Accepted):
-            if answer.apply_id is not None:
-                print(f"{answer.message or 'accepted'} (apply {answer.apply_id})", file=sys.stderr)
-            elif answer.message:
-                print(answer.message)
+            if answer.message:  # what will happen: "apply #3 starts: {gaming} (+gaming)"
+                print(answer.message, file=sys.stderr)
         elif isinstance(answer, Progress):
             stamp = f"[{format_duration(answer.elapsed):>6}]"
             for line in answer.lines:
@@ -292,6 +302,7 @@ def _no_daemon_note(settings: Settings) -> None:
 
 
 def cmd_auto(args: argparse.Namespace, settings: Settings) -> int:
+    check_name_shapes(args.modules)
     modules = list(dict.fromkeys(args.modules))
     request = AutoRequest(modules=modules, wait=args.wait, command=_command("auto", *modules))
     code = route_to_daemon(settings, request)
@@ -300,7 +311,7 @@ def cmd_auto(args: argparse.Namespace, settings: Settings) -> int:
     from .._overrides import OverrideStore
 
     now = time.time()
-    store = OverrideStore.from_settings(settings, warn=_warn)
+    store = OverrideStore.from_settings(settings, warn=warn)
     pinned = store.load(now).pins
     _check_names([m for m in modules if m not in pinned], settings)
     store.unpin(modules, now=now)
@@ -319,7 +330,7 @@ def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
 
     # Keep what is applied now, as the daemon's pause keeps what the rules want at that moment.
     applied = load_state(settings).applied
-    OverrideStore.from_settings(settings, warn=_warn).set_paused(
+    OverrideStore.from_settings(settings, warn=warn).set_paused(
         True, now=time.time(), modules=applied
     )
     kept = ", ".join(sorted(applied)) or "the base system"
@@ -334,7 +345,7 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
         return code
     from .._overrides import OverrideStore
 
-    OverrideStore.from_settings(settings, warn=_warn).set_paused(False, now=time.time())
+    OverrideStore.from_settings(settings, warn=warn).set_paused(False, now=time.time())
     print("automation resumed")
     _no_daemon_note(settings)
     return int(ExitCode.OK)
@@ -354,7 +365,8 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     return int(ExitCode.OK)  # not reached: the stream ends with the daemon (an error) or ^C
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
+    """A warning of the override store, on stderr."""
     print(f"runtime-modules: warning: {message}", file=sys.stderr)
 
 

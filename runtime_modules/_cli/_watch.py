@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from .._settings import Settings
+from ._common import add_verb
 
 LOG_LEVELS = ("debug", "info", "notice", "warning", "err")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this group's subcommands to ``sub``."""
-    p = sub.add_parser(
+    p = add_verb(
+        sub,
+        common,
         "watch",
-        parents=[common],
         help="run the daemon: follow udev and netlink, apply what the rules want",
         description=(
             "Enumerate devices and links, then follow udev and netlink events; rules decide "
