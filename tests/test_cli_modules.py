@@ -31,8 +31,11 @@ STATUS_KEYS = [
     "lock",
     "uncertain",
     "warnings",
+    "paused",
+    "overrides",
+    "daemon",
 ]
-MODULE_KEYS = [*LIST_KEYS, "message", "since", "kernel_changes"]
+MODULE_KEYS = [*LIST_KEYS, "message", "since", "kernel_changes", "wanted", "why"]
 RECORD_KEYS = [
     "apply_id",
     "started",
@@ -120,10 +123,13 @@ def test_status_text_and_warnings(cli: FakeSystem, capsys: pytest.CaptureFixture
         lock.release()
     assert code == ExitCode.OK
     lines = out.splitlines()
-    assert lines[1] == "applied: gaming"
-    assert lines[2] == "  gaming  enabled"
-    assert lines[3].startswith("  podman  failed  could not enable podman")
-    assert "failed" in lines[4] and lines[5].startswith("  could not enable podman")
+    assert lines[1].startswith("no daemon is running")
+    assert lines[2] == "applied: gaming"
+    # Without a daemon, a module's why is its pin, if any (enable pinned both).
+    assert lines[3] == "  gaming  enabled   wanted: pinned on by root (enable gaming)"
+    assert lines[4].startswith("  podman  failed    wanted: pinned on by root (enable podman)")
+    assert "(could not enable podman" in lines[4]
+    assert "failed" in lines[5] and lines[6].startswith("  could not enable podman")
     assert any(f"applying now: apply held-7 by pid {os.getpid()}" in ln for ln in lines)
     assert any("gaming changes boot.kernelModules" in ln for ln in lines)
 

@@ -75,7 +75,7 @@ def test_auto_shows_progress_until_done(
     assert main(["auto", "gaming", "vm", "gaming"]) == ExitCode.OK
     out, err = capsys.readouterr()
     assert "gaming is on in 0s" in out
-    assert "applying (apply apply-1)" in err
+    assert err.startswith("applying\n")  # the daemon's accepted message
     assert "[    0s] building" in err  # the rebuild's output, with the elapsed time
     request = daemon.daemon.seen[0][0]
     assert request == AutoRequest(modules=["gaming", "vm"], command="auto gaming vm")
@@ -94,7 +94,7 @@ def test_no_wait_returns_when_accepted(daemon: Running, capsys: pytest.CaptureFi
     assert main(["resume", "--no-wait"]) == ExitCode.OK
     assert time.monotonic() - t0 < 2.0
     out, err = capsys.readouterr()
-    assert "applying (apply apply-1)" in err and "gaming is on" not in out
+    assert err == "applying\n" and "gaming is on" not in out
     assert daemon.daemon.seen[0][0] == ResumeRequest(wait=False, command="resume")
 
 

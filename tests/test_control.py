@@ -283,6 +283,16 @@ def status_works(run: Running) -> bool:
 # --- requests and answers ------------------------------------------------------------------
 
 
+def test_every_apply_result_has_an_exit_code() -> None:
+    from runtime_modules._control import EXIT_CODES
+    from runtime_modules._state import ApplyResult
+
+    assert set(EXIT_CODES) == set(ApplyResult)
+    assert {r for r, code in EXIT_CODES.items() if code is ExitCode.OK} == {
+        r for r in ApplyResult if r.ok
+    }
+
+
 def test_status_round_trip(running: Running) -> None:
     assert status_works(running)
     request, uid, _ = running.daemon.seen[0]

@@ -478,3 +478,22 @@ def test_stored_pins_survive_a_restart_and_expire_on_time(
     assert daemon.run_until(lambda: daemon.applied == {"gaming"}, 10)
     assert daemon.run_until(lambda: daemon.applied == frozenset(), 10)  # expired: back to rules
     assert store.load(time.time()).pins == {}  # and gone from the store
+
+
+def test_one_daemon_per_socket_and_the_socket_goes_with_it(
+    make_daemon: Any, fake_system: FakeSystem
+) -> None:
+    from runtime_modules._errors import ControlError
+
+    first = make_daemon(_rule())
+    socket_path = fake_system.settings.control_socket
+    assert socket_path.is_socket()
+    second = make_daemon(start=False)
+    with pytest.raises(ControlError, match="another runtime-modules daemon is already running"):
+        second.start()
+    assert socket_path.is_socket()  # the refused one did not take the first one's socket
+    first.stop()
+    first.close()
+    assert not socket_path.exists()
+    third = make_daemon()  # and a stale socket of a killed daemon would be replaced
+    assert third.control is not None and socket_path.is_socket()
