@@ -251,9 +251,13 @@ def test_enable_returns_when_applied_and_shows_its_progress(
         None,
         False,
     )
-    # Already so: answered at once, no apply.
-    code, out, _ = cli(capsys, "enable", "gaming")
+    # Already so: answered at once, no apply. Flags for applying directly say they do not apply.
+    code, out, err = cli(capsys, "enable", "gaming", "--timeout", "5m")
     assert (code, out) == (ExitCode.OK, "nothing to do: gaming already applied\n")
+    assert "--timeout is not used: the daemon applies with its own timeout" in err
+    code, _, err = cli(capsys, "enable", "podman", "--dry-run")
+    assert code == ExitCode.USAGE
+    assert err.startswith("runtime-modules: --dry-run applies without the daemon, and the daemon")
     assert len(fake_system.records("start")) == 1
 
 
