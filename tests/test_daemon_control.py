@@ -238,6 +238,9 @@ def test_enable_returns_when_applied_and_shows_its_progress(
     gaming = why(data, "gaming")
     assert gaming["kind"] == "override-on"
     assert gaming["text"] == "pinned on by root (enable gaming)"
+    code, _, err = cli(capsys, "status", "gamng")
+    assert code == ExitCode.USAGE and "did you mean 'gaming'" in err  # the daemon's answer
+    assert [m["name"] for m in status(capsys, "podman")["modules"]] == ["podman"]
     assert why(data, "podman") == {
         "kind": "no-rule",
         "text": "no rule wants it",
@@ -307,6 +310,47 @@ def test_no_wait_returns_at_once(
     assert (code, out, err) == (ExitCode.OK, "", "apply #1 starts: {gaming} (+gaming)\n")
     assert applied(public_state) == frozenset()
     assert eventually(lambda: applied(public_state) == {"gaming"})
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_a_silent_apply_still_shows_the_elapsed_time(
+    start_daemon: Callable[..., DaemonThread],
+    fake_system: FakeSystem,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = start_daemon()
+    run.call(lambda: setattr(run.daemon.control, "heartbeat", 0.2))  # 5 s in production
+    fake_system.control(sleep=1.0)  # a second without a line of output
+    code, _, err = cli(capsys, "enable", "gaming")
+    assert code == ExitCode.OK, err
+    assert err.count("s] still applying\n") >= 3
+
+
+def test_a_daemon_that_stops_tells_who_still_waits(
+    start_daemon: Callable[..., DaemonThread],
+    fake_system: FakeSystem,
+    public_state: Settings,
+    cli_env: dict[str, str],
+) -> None:
+    run = start_daemon()
+    fake_system.control(sleep=1.0)
+    first = cli_process(cli_env, "enable", "gaming")
+    assert eventually(lambda: run.call(lambda: run.daemon.applying) == 1)
+    queued = cli_process(cli_env, "enable", "podman")
+    assert queued.stderr is not None
+    assert queued.stderr.readline().startswith("apply #1 is under way")
+    run.call(run.daemon.stop)  # SIGTERM: the apply under way may finish, no follow-up starts
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == ExitCode.OK and out.startswith("enabled gaming"), err
+    out, err = queued.communicate(timeout=30)
+    assert queued.returncode == ExitCode.FAILURE
+    assert err == (
+        "runtime-modules: the daemon stopped before applying this change; it is recorded and "
+        "applied when the daemon starts again (see `runtime-modules status`)\n"
+    )
+    assert applied(public_state) == {"gaming"}
+    pins = OverrideStore.from_settings(public_state).load(time.time()).pins
+    assert set(pins) == {"gaming", "podman"}
 
 
 def test_disable_beats_a_rule_auto_hands_back_and_a_pin_for_1s_expires(
