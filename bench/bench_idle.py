@@ -152,6 +152,9 @@ def run(seconds: float = 60.0) -> Section:
         "bare interpreter beside it is the floor. The netlink source decodes messages with "
         "`struct` instead of importing pyroute2, which saves about 15 MiB.",
         "- Counters are summed over all threads; `strace -c -f` attaches to every thread.",
+        "- `udevadm monitor --udev` listens to every subsystem: it wakes for any uevent other "
+        "work on the machine causes meanwhile. The daemon's monitor is filtered in the kernel "
+        "to the subsystems its rules use, and its netlink socket lives in its own namespace.",
     ]
     section.data = {"rss_mib": rss[ours], "calls": calls[ours]}
     return section

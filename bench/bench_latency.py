@@ -271,6 +271,17 @@ def sections(u: dict[str, Any], v: dict[str, Any]) -> list[Section]:
         "`runtime-modules explain` for each new veth, as autorandr's hook does; timed from the "
         "netlink request to the hook's last line (wall clock).",
     ]
+    if vours["p99"] > 2.0:
+        s1.notes.append(
+            f"- Missed on the veth path, and what bounds it: the daemon's own part (woke → "
+            f"decided) has a p99 of {ownv['p99']:.2f} ms; the rest, {vwoke['p50']:.1f} ms at p50 "
+            "and more at p99, passes before our monitor gets anything: the kernel's uevent, then "
+            "udevd running its rules for a new network device (link setup, naming, the "
+            "database) and only then sending its monitor message. It is outside the daemon, "
+            "and a `RUN+=` hook waits for the same work before it even starts. The daemon was "
+            "not profiled for it (py-spy, bench/requirements.lock): its share is measured "
+            "directly above."
+        )
     if v["lost"]:
         s1.notes.append(f"- {v['lost']} veth events gave no decision within 10 s (left out).")
     n = st["events"]
