@@ -983,6 +983,17 @@ def _read(path: Path) -> bytes | RuleProblem:
             None,
             f"larger than {MAX_FILE_SIZE // 1024 // 1024} MiB; not a rule file",
         )
+    if not content.strip():
+        # An editor that truncates before it writes, caught by a SIGHUP in between, must not
+        # make the daemon drop every rule of the file: an empty file is an error, and a reload
+        # keeps the last good rules. A file meant to hold no rules says so: `rule = []`.
+        return RuleProblem(
+            str(path),
+            None,
+            None,
+            "the file is empty",
+            'write `rule = []` (TOML) or {"rule": []} (JSON) for a file with no rules',
+        )
     return content
 
 

@@ -455,3 +455,15 @@ def test_any_condition_gives_rules_or_a_located_error(data: dict[str, object]) -
 def test_any_bytes_give_rules_or_a_located_error(data: bytes) -> None:
     _check_outcome(data, "bytes.toml")
     _check_outcome(data, "bytes.json")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n"])
+def test_an_empty_file_is_an_error_so_a_reload_mid_write_keeps_the_rules(
+    tmp_path: Path, content: bytes
+) -> None:
+    (tmp_path / "a.toml").write_bytes(content)
+    with pytest.raises(RuleError) as err:
+        load_rules([tmp_path])
+    assert str(err.value).startswith(f"{tmp_path / 'a.toml'}: the file is empty")
+    (tmp_path / "a.toml").write_text("rule = []\n")
+    assert load_rules([tmp_path]).rules == ()
