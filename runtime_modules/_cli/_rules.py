@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import ExitCode, RuleError, RuntimeModulesError, UnknownModuleError
 from .._registry import load_registry, unknown_module_message
 from .._settings import ENV_REGISTRY, Settings
-from ._common import print_json
+from ._common import add_verb, print_json
 
 if TYPE_CHECKING:  # the verbs import the core lazily (startup time of every command)
     from .._evaluate import Evaluation
@@ -83,13 +83,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add(sub: Any, common: argparse.ArgumentParser, name: str, text: str) -> Any:
-    p = sub.add_parser(name, parents=[common], help=text, description=text)
-    # A subparser's defaults would overwrite the same flags given before the verb.
-    shared = {a.dest for a in common._actions}
-    for action in p._actions:
-        if action.dest in shared:
-            action.default = argparse.SUPPRESS
-    return p
+    return add_verb(sub, common, name, help=text, description=text)
 
 
 def _add_world_arguments(p: argparse.ArgumentParser, *, many: bool = True) -> None:
