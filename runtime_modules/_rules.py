@@ -305,9 +305,21 @@ def parse_duration(value: object) -> float:
     """
     if isinstance(value, bool):
         raise ValueError(f"expected a duration, not {str(value).lower()}; {_DURATION_HELP}")
+    try:
+        seconds = _seconds_of(value)
+    except OverflowError:  # float(10**400): an integer too large for a float is too long
+        raise ValueError(f"a number of {len(str(value))} digits is longer than a week") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a duration of zero or more seconds")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than a week; {_DURATION_HELP}")
+    return seconds
+
+
+def _seconds_of(value: object) -> float:
     if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
+        return float(value)
+    if isinstance(value, str):
         text = value.strip()
         pos, seconds = 0, 0.0
         for m in _DURATION_PART.finditer(text):
@@ -317,13 +329,8 @@ def parse_duration(value: object) -> float:
             pos = m.end()
         if not text or pos == 0 or text[pos:].strip():
             raise ValueError(f"{value!r} is not a duration; {_DURATION_HELP}")
-    else:
-        raise ValueError(f"expected a duration, not {_type_name(value)}; {_DURATION_HELP}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value!r} is not a duration of zero or more seconds")
-    if seconds > MAX_DURATION:
-        raise ValueError(f"{value!r} is longer than a week; {_DURATION_HELP}")
-    return seconds
+        return seconds
+    raise ValueError(f"expected a duration, not {_type_name(value)}; {_DURATION_HELP}")
 
 
 # --- the file format (pydantic, at the boundary) -----------------------------------------------
@@ -453,7 +460,7 @@ class DeviceMatch(_Model):
             )
         for key in v:
             if info.field_name == "attributes" and (
-                not ATTRIBUTE_NAME.match(key) or ".." in key.split("/")
+                not ATTRIBUTE_NAME.fullmatch(key) or ".." in key.split("/")
             ):
                 raise PydanticCustomError(
                     "attribute_name",
@@ -545,7 +552,7 @@ class RuleModel(_Model):
     @field_validator("name", mode="before")
     @classmethod
     def _name(cls, v: object) -> object:
-        if isinstance(v, str) and not RULE_NAME.match(v):
+        if isinstance(v, str) and not RULE_NAME.fullmatch(v):
             raise PydanticCustomError(
                 "rule_name",
                 f"{v!r} is not a rule name",
@@ -557,7 +564,7 @@ class RuleModel(_Model):
     @classmethod
     def _modules(cls, v: list[str]) -> list[str]:
         for name in v:
-            if not MODULE_NAME.match(name):
+            if not MODULE_NAME.fullmatch(name):
                 raise PydanticCustomError(
                     "module_name",
                     f"{name!r} is not a module name",
@@ -690,7 +697,7 @@ def _problems_from(exc: ValidationError, raw: object, index: int, source: str) -
     """Problems for people from the errors of rule number ``index`` (0-based) of a file."""
     name = raw.get("name") if isinstance(raw, dict) else None
     # "#2" for the second [[rule]] table when it has no usable name.
-    rule = name if isinstance(name, str) and RULE_NAME.match(name) else f"#{index + 1}"
+    rule = name if isinstance(name, str) and RULE_NAME.fullmatch(name) else f"#{index + 1}"
     problems = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])

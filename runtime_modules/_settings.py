@@ -92,14 +92,17 @@ class Settings:
 
 
 def _seconds(name: str, text: str, *, allow_zero: bool = False) -> float:
+    """A duration as rule files write it ("3s", "1m30s", 1800): finite, at most a week."""
+    from ._rules import parse_duration  # pydantic is loaded only when a variable is set
+
+    # A plain number is seconds here (rule files, being typed, need no such reading).
+    plain = text.strip().replace(".", "", 1).isdigit() and text.strip().isascii()
     try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(
-            f"{name}={text!r} is not a number of seconds; set it to e.g. 1800"
-        ) from None
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={text!r} must be more than 0 seconds")
+        value = parse_duration(float(text) if plain else text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={text!r}: {exc}") from None
+    if value == 0 and not allow_zero:
+        raise ConfigError(f"{name}={text!r} must be more than 0 seconds; set it to e.g. 1800")
     return value
 
 

@@ -176,7 +176,8 @@ def test_durations(text: str | float, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["3", "3 sec", "-1s", "s", "", "1s2", "8d", True, None, [1], float("nan"), -1, 1e300]
+    "bad",
+    ["3", "3 sec", "-1s", "s", "", "1s2", "8d", True, None, [1], float("nan"), -1, 1e300, 10**400],
 )
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match=r"duration|week"):
@@ -318,7 +319,9 @@ def test_bad_globs(value: str, message: str) -> None:
     assert message in p.message or (p.hint and message in p.hint)
 
 
-@pytest.mark.parametrize("value", ['"3 sec"', '"-1s"', "true", '"8d"', "-2", "[1]"])
+@pytest.mark.parametrize(
+    "value", ['"3 sec"', '"-1s"', "true", '"8d"', "-2", "[1]", "1" + "0" * 400]
+)
 def test_bad_durations_name_the_field(value: str) -> None:
     p = one(rule('[rule.when.link]\nifname = "x"', f"settle = {value}"))
     assert (p.rule, p.field) == ("r", "settle")
@@ -356,6 +359,11 @@ def test_rule_without_a_name_is_numbered_and_names_are_checked() -> None:
         f'[[rule]]\nname = "bad name"\nmodules = ["-m"]\n{link}'
     )
     assert [(p.rule, p.field) for p in found] == [("#2", "name"), ("#3", "name"), ("#3", "modules")]
+
+
+def test_names_with_a_trailing_newline_are_refused() -> None:
+    found = problems('[[rule]]\nname = "ok\\n"\nmodules = ["m\\n"]\nwhen.link.ifname = "x"\n')
+    assert [(p.rule, p.field) for p in found] == [("#1", "name"), ("#1", "modules")]
 
 
 def test_every_problem_of_every_file_at_once(tmp_path: Path) -> None:
