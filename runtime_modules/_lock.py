@@ -27,6 +27,9 @@ from ._errors import LockBusyError, PermissionDeniedError, StateError
 # terms, long enough to cost nothing. Polling (not a blocking flock) lets a cancel stop the wait.
 POLL_INTERVAL = 0.05
 WAIT_CHECK_INTERVAL = 1.0  # how often a waiter looks for a holder that died (see Applier)
+# A caller that must not wait still retries this long: `lock_holder` (a `status`) holds a shared
+# lock for microseconds, which must not look like a running apply.
+NO_WAIT_GRACE = 0.1
 _MAX_HOLDER_BYTES = 4096  # we write ~150 bytes; more is not ours
 
 
@@ -181,11 +184,12 @@ class ApplyLock:
         ``while_waiting`` is called about once a second while the lock is busy.
         """
         next_check = time.monotonic() + WAIT_CHECK_INTERVAL
+        busy_until = time.monotonic() + NO_WAIT_GRACE
         while not self.try_acquire():
             if wait and while_waiting is not None and time.monotonic() >= next_check:
                 while_waiting()
                 next_check = time.monotonic() + WAIT_CHECK_INTERVAL
-            if not wait:
+            if not wait and time.monotonic() >= busy_until:
                 holder = read_holder(self.path)
                 who = holder.describe() if holder else "another process (holder unknown)"
                 raise LockBusyError(
