@@ -69,12 +69,18 @@ def test_examples_are_executable() -> None:
 
 
 def power_supplies(root: Path, **supplies: tuple[str, str | None]) -> Path:
-    """A power_supply class folder: name -> (type, online or None)."""
+    """A power_supply class folder: name -> (type, online or None).
+
+    A name starting with ``hidpp_`` is a peripheral's battery (a wireless mouse), which the kernel
+    marks ``scope`` Device, as hid-logitech-hidpp does.
+    """
     for name, (kind, online) in supplies.items():
         (root / name).mkdir(parents=True)
         (root / name / "type").write_text(kind + "\n")
         if online is not None:
             (root / name / "online").write_text(online + "\n")
+        if name.startswith("hidpp_"):
+            (root / name / "scope").write_text("Device\n")
     return root
 
 
@@ -88,8 +94,17 @@ def power_supplies(root: Path, **supplies: tuple[str, str | None]) -> Path:
         # Switching off is always allowed.
         ({"AC": ("Mains", "0"), "BAT0": ("Battery", None)}, ["lab", "rt.gaming"], ["lab"], False),
         ({}, [], ["rt.gaming"], False),  # a desktop: no battery at all
+        # A desktop with a wireless mouse: the mouse's battery does not power the machine.
+        ({"hidpp_battery_0": ("Battery", None)}, [], ["rt.gaming"], False),
+        # A laptop on battery with such a mouse is still on battery.
+        (
+            {"AC": ("Mains", "0"), "BAT0": ("Battery", None), "hidpp_battery_0": ("Battery", None)},
+            [],
+            ["rt.gaming"],
+            True,
+        ),
     ],
-    ids=["battery", "mains", "usb-pd", "switching-off", "desktop"],
+    ids=["battery", "mains", "usb-pd", "switching-off", "desktop", "mouse", "battery-and-mouse"],
 )
 def test_veto_on_battery(
     tmp_path: Path,
