@@ -382,8 +382,10 @@ let
     reloadIfChanged = true;
     restartIfChanged = false;
     # The unit names /etc paths only; these make it change (and so reload) when what they point
-    # to changes. Hooks need nothing: they are looked up at each apply.
-    reloadTriggers = [
+    # to changes. Hooks need nothing: they are looked up at each apply. restartTriggers, not
+    # reloadTriggers: with reloadIfChanged any change already means a reload, and NixOS warns
+    # on every build about a unit with both.
+    restartTriggers = [
       registryFile
       checkedRulesDir
     ];

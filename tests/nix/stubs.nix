@@ -48,6 +48,15 @@ in
   };
 
   config = {
+    # nixpkgs' nixos/modules/system/boot/systemd.nix warns about these units on every build; the
+    # tests assert that the module's configuration produces no warnings.
+    warnings = lib.concatLists (
+      lib.mapAttrsToList (
+        name: service:
+        lib.optional ((service.reloadIfChanged or false) && (service.reloadTriggers or [ ]) != [ ])
+          "Service '${name}.service' has both 'reloadIfChanged' and 'reloadTriggers' set. This is probably not what you want, because 'reloadTriggers' behave the same whay as 'restartTriggers' if 'reloadIfChanged' is set."
+      ) config.systemd.services
+    );
     nix.package = {
       type = "derivation";
       name = "nix";
