@@ -82,6 +82,15 @@ def find_hooks(hooks_dir: Path, phase: HookPhase, journal: Journal | None = None
         entries = sorted(folder.iterdir(), key=lambda p: os.fsencode(p.name))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:  # PermissionError, EIO: say so, and apply without these hooks
+        if journal is not None:
+            journal.send(
+                JournalEvent.HOOK_FAILED,
+                f"{folder}: cannot list the hooks ({exc.strerror}), none of them ran; "
+                "make the folder readable by root",
+                phase=phase.value,
+            )
+        return []
     found = []
     for path in entries:
         if path.name.startswith(".") or path.name.endswith("~"):

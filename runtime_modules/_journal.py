@@ -217,9 +217,12 @@ class Journal:
             f"SYSLOG_IDENTIFIER={self.identifier}",
             *(f"{k}={v}" for k, v in pairs),
         ]
+        # A name that is not UTF-8 (a hook file `caf\xe9`) arrives as surrogates: keep it
+        # readable as backslash escapes rather than fail the apply that logs it.
+        args = [a.encode("utf-8", "backslashreplace").decode("utf-8") for a in args]
         try:
             sd_journal.sendv(*args)
-        except OSError:  # journald went away between the check and the send
+        except (OSError, ValueError):  # journald went away between the check and the send
             return False
         return True
 

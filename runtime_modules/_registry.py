@@ -122,8 +122,16 @@ def parse_registry(text: str | bytes, source: str) -> Registry:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError(f"{source}: not valid JSON ({exc}); regenerate it or fix it") from None
+    except RecursionError:
+        raise RegistryError(
+            f"{source}: nested too deeply to be a module registry; regenerate it"
+        ) from None
     try:
         return Registry.model_validate(data)
+    except RecursionError:
+        raise RegistryError(
+            f"{source}: nested too deeply to be a module registry; regenerate it"
+        ) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

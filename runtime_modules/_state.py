@@ -156,10 +156,14 @@ def parse_state(data: bytes) -> State:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("not a runtime-modules state (nested too deeply)") from None
     if not isinstance(obj, dict) or "version" not in obj:
         raise ValueError("not a runtime-modules state (no version field)")
     try:
         state = _ADAPTER.validate_python(obj)
+    except RecursionError:
+        raise ValueError("not a runtime-modules state (nested too deeply)") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
@@ -189,10 +193,10 @@ def load_state(settings: Settings, *, journal: Journal | None = None) -> State:
     try:
         return parse_state(data)
     except ValueError as exc:
-        return _recover(settings, str(exc), journal)
+        return _recover(settings, data, str(exc), journal)
 
 
-def _recover(settings: Settings, problem: str, journal: Journal | None) -> State:
+def _recover(settings: Settings, data: bytes, problem: str, journal: Journal | None) -> State:
     from ._journal import Journal, JournalEvent
 
     path = settings.state_file
@@ -204,7 +208,14 @@ def _recover(settings: Settings, problem: str, journal: Journal | None) -> State
         )
     )
     try:
-        os.replace(path, aside)
+        # Copy aside, then write over the bad file: a failed write leaves the bad file in place,
+        # so the next load recovers again and the "uncertain" mark is never lost.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+        try:
+            os.link(path, aside)  # the whole file, even past what was read
+        except OSError:
+            write_atomically(aside, data)
         save_state(settings, state)
         kept = f"kept as {aside}"
     except (OSError, StateError, PermissionDeniedError) as exc:

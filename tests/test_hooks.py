@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from runtime_modules._applier import Applier, ApplyResult
 from runtime_modules._hooks import HookPhase, find_hooks, run_hooks
 from runtime_modules._journal import Journal
@@ -160,3 +162,18 @@ def test_post_hook_sees_the_result(fake_system: FakeSystem) -> None:
     failed = applier.apply(frozenset({"gaming"}), reason="post fail")
     assert failed.result is ApplyResult.FAILED
     assert Path(f"{out}.env").read_text() == "failed gaming podman\n"  # rolled back: still both
+
+
+def test_an_unreadable_hooks_folder_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # root reads any folder whatever its mode, so the refusal is simulated.
+    _hook(tmp_path, HookPhase.PRE_APPLY, "10-x", "exit 0\n")
+
+    def refuse(self: Path) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    journal, err = _journal(tmp_path)
+    assert find_hooks(tmp_path, HookPhase.PRE_APPLY, journal) == []
+    assert "cannot list the hooks (Permission denied)" in err.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import uuid
 from pathlib import Path
@@ -132,3 +133,13 @@ def test_field_names() -> None:
     assert field_name("apply_id") == "RUNTIME_MODULES_APPLY_ID"
     with pytest.raises(ValueError):
         field_name("bad-name")
+
+
+def test_a_name_that_is_not_utf8_reaches_journald_escaped(journald: Path, journal_tag: str) -> None:
+    journal = Journal(identifier=journal_tag)
+    apply_id = uuid.uuid4().hex
+    name = os.fsdecode(b"caf\xe9")  # a hook file name that is not UTF-8: a lone surrogate
+    journal.send(JournalEvent.HOOK_FAILED, f"{name} failed", apply_id=apply_id, hook=name)
+    (entry,) = journal_entries(RUNTIME_MODULES_APPLY_ID=apply_id)
+    assert entry["MESSAGE"] == "caf\\udce9 failed"
+    assert entry["RUNTIME_MODULES_HOOK"] == "caf\\udce9"

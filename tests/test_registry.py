@@ -44,3 +44,8 @@ def test_unknown_module_suggests_close_names() -> None:
     reg = parse_registry(GOOD, "r.json")
     with pytest.raises(UnknownModuleError, match="did you mean 'gaming'"):
         reg.check_known(["gamin"])
+
+
+def test_deeply_nested_json_is_a_registry_error() -> None:
+    with pytest.raises(RegistryError, match="nested too deeply"):
+        parse_registry("[" * 100_000 + "]" * 100_000, "deep.json")

@@ -103,6 +103,7 @@ def test_round_trip_and_sorted_file(tmp_path: Path) -> None:
         (b'{"version": 99}', "state version 99"),
         (b'{"version": 1, "last_apply": {"result": "exploded"}}', "last_apply"),
         (b'{"version": 1, "x": "' + b"a" * MAX_STATE_BYTES + b'"}', "over 4 MiB"),
+        (b'{"version": 1, "applied": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too deeply"),
     ],
     ids=[
         "empty",
@@ -114,6 +115,7 @@ def test_round_trip_and_sorted_file(tmp_path: Path) -> None:
         "version",
         "enum",
         "huge",
+        "deep",
     ],
 )
 def test_bad_state_file_warns_and_recovers(tmp_path: Path, content: bytes, problem: str) -> None:
@@ -174,3 +176,23 @@ def test_recovery_on_a_read_only_dir_only_warns(tmpfs: Tmpfs, tmp_path: Path) ->
     assert state.uncertain is not None
     assert "left in place" in err.getvalue()
     assert settings.state_file.read_bytes() == b"garbage"
+
+
+def test_recovery_whose_write_fails_keeps_the_bad_file_and_the_uncertain_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path / "state")
+    settings.state_dir.mkdir()
+    settings.state_file.write_bytes(b"{garbage")
+
+    def disk_full(*args: object) -> None:  # the disk fills between the copy and the write
+        raise StateError("disk full")
+
+    monkeypatch.setattr("runtime_modules._state.save_state", disk_full)
+    err = io.StringIO()
+    assert load_state(settings, journal=_journal(tmp_path, err)).uncertain is not None
+    assert "left in place (disk full)" in err.getvalue()
+    monkeypatch.undo()
+    # The bad file is still there, so the next load recovers again: still uncertain.
+    assert settings.state_file.read_bytes() == b"{garbage"
+    assert load_state(settings, journal=_journal(tmp_path, io.StringIO())).uncertain is not None
