@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._control import EventMessage
+from ._control_protocol import EventMessage
 from ._daemon_events import ActionTaken, ApplyDone, ApplyOutput, Notice, WorldChanged
 from ._reconciler_events import (
     ApplyCancelled,

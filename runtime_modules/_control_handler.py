@@ -1,7 +1,7 @@
 """The daemon's side of the control socket: pins, requests, progress, status and events.
 
-``ControlHandler`` lives in the daemon's loop (one thread; ``_control`` has the protocol and the
-non-blocking server). It owns the override store while the daemon runs:
+``ControlHandler`` lives in the daemon's loop (one thread; ``_control_protocol`` has the messages,
+``_control_server`` the non-blocking server). It owns the override store while the daemon runs:
 
 - at start it hands the stored pins and pause to the reconciler (``stored_inputs``), before the
   first truth of the world, so nothing is scheduled and then cancelled;
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ._clocks import WallClockWatch
-from ._control import (
+from ._control_events import events_of
+from ._control_protocol import (
     EXIT_CODES,
     Accepted,
     AutoRequest,
-    ControlServer,
     DisableRequest,
     Done,
     EnableRequest,
@@ -46,14 +46,13 @@ from ._control import (
     PauseRequest,
     Progress,
     RebuildRequest,
-    Reply,
     Request,
     ResetRequest,
     ResumeRequest,
     StatusRequest,
     StatusResponse,
 )
-from ._control_events import events_of
+from ._control_server import ControlServer, Reply
 from ._daemon_events import ActionTaken, ApplyDone, ApplyOutput, Notice
 from ._errors import ConfigError, ControlError, ExitCode, RuntimeModulesError, UnknownModuleError
 from ._journal import JournalEvent

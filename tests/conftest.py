@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.fixtures.applier",
     "tests.fixtures.world",
     "tests.fixtures.daemon",
+    "tests.fixtures.control",
     "tests.reliability.plugin",
 ]

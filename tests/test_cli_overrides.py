@@ -20,7 +20,7 @@ import pytest
 
 from runtime_modules._cli import main
 from runtime_modules._cli._overrides import add_pin_flags, change_request, record_change
-from runtime_modules._control import (
+from runtime_modules._control_protocol import (
     AutoRequest,
     DisableRequest,
     EnableRequest,
@@ -33,7 +33,8 @@ from runtime_modules._errors import ConfigError, ExitCode
 from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
 from runtime_modules._settings import Settings, settings_from_env
 from runtime_modules._state import State, save_state
-from tests.test_control import REPO, Running, eventually, public_dir, servers
+from tests.fixtures.control import Running, eventually, public_dir, servers
+from tests.fixtures.system import REPO
 
 ROOT = OverrideSource(uid=0, user="root", command="enable gaming")
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from runtime_modules._cli import main
-from runtime_modules._control import ControlClient, EventMessage, EventsRequest
+from runtime_modules._control_client import ControlClient
+from runtime_modules._control_protocol import EventMessage, EventsRequest
 from runtime_modules._daemon import Daemon
 from runtime_modules._errors import ExitCode
 from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
@@ -38,9 +39,9 @@ from runtime_modules._reconciler_events import (
 from runtime_modules._settings import Settings
 from runtime_modules._state import load_state
 from tests.fixtures.applier import FakeSystem
+from tests.fixtures.control import public_dir
 from tests.fixtures.daemon import LINK_RULE
 from tests.fixtures.system import REPO, ip_netns
-from tests.test_control import public_dir
 
 pytestmark = pytest.mark.root
 

@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from .._applier import Applier, ApplyOutcome, Target
-from .._control import EXIT_CODES, StatusRequest, StatusResponse
+from .._control_protocol import EXIT_CODES, StatusRequest, StatusResponse
 from .._errors import ConfigError, ExitCode, NoDaemonError, PermissionDeniedError, StateError
 from .._journal import Journal
 from .._registry import load_registry

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .._control import (
+from .._control_client import ControlClient
+from .._control_protocol import (
     Accepted,
     AutoRequest,
-    ControlClient,
     DisableRequest,
     Done,
     EnableRequest,

@@ -21,7 +21,9 @@ class Case:
 
 A = "tests/test_applier.py::"
 D = "tests/test_daemon.py::"
-C = "tests/test_control.py::"
+CP = "tests/test_control_protocol.py::"
+CS = "tests/test_control_server.py::"
+CC = "tests/test_control_client.py::"
 S = "tests/test_state.py::"
 
 CASES: tuple[Case, ...] = (
@@ -225,17 +227,17 @@ CASES: tuple[Case, ...] = (
         "malformed messages",
         "an `error` answer with a code, then close; the parser never raises",
         (
-            C + "test_bad_requests_get_an_error_and_a_close",
-            C + "test_request_parser_never_raises",
-            C + "test_handler_errors_become_answers",
-            C + "test_client_skips_answers_it_does_not_know",
+            CS + "test_bad_requests_get_an_error_and_a_close",
+            CP + "test_request_parser_never_raises",
+            CS + "test_handler_errors_become_answers",
+            CC + "test_client_skips_answers_it_does_not_know",
         ),
     ),
     Case(
         "control socket",
         "oversized messages",
         "refused at 64 KiB without reading the rest",
-        (C + "test_oversized_line_is_refused",),
+        (CS + "test_oversized_line_is_refused",),
     ),
     Case(
         "control socket",
@@ -243,10 +245,10 @@ CASES: tuple[Case, ...] = (
         "a silent client times out, a subscriber that never reads is dropped; others are "
         "served meanwhile",
         (
-            C + "test_silent_client_times_out_without_blocking_others",
-            C + "test_subscriber_that_never_reads_is_dropped",
-            C + "test_half_closed_client_still_gets_its_answer",
-            C + "test_hung_daemon_times_out",
+            CS + "test_silent_client_times_out_without_blocking_others",
+            CS + "test_subscriber_that_never_reads_is_dropped",
+            CS + "test_half_closed_client_still_gets_its_answer",
+            CC + "test_hung_daemon_times_out",
         ),
     ),
     Case(
@@ -255,9 +257,9 @@ CASES: tuple[Case, ...] = (
         "fifty served; past the limit a `busy` answer; out of descriptors it pauses accepting "
         "instead of spinning",
         (
-            C + "test_fifty_clients_at_once",
-            C + "test_too_many_clients_get_a_busy_answer",
-            C + "test_out_of_descriptors_neither_spins_nor_stops_serving",
+            CS + "test_fifty_clients_at_once",
+            CS + "test_too_many_clients_get_a_busy_answer",
+            CS + "test_out_of_descriptors_neither_spins_nor_stops_serving",
         ),
     ),
     Case(
@@ -265,8 +267,8 @@ CASES: tuple[Case, ...] = (
         "an unprivileged client",
         "may read status and events, may not change anything (exit code 3, one line)",
         (
-            C + "test_unprivileged_client_reads_but_may_not_change",
-            C + "test_missing_control_group_means_root_only",
+            CS + "test_unprivileged_client_reads_but_may_not_change",
+            CS + "test_missing_control_group_means_root_only",
             "tests/test_cli_overrides.py::test_unprivileged_user_is_refused",
         ),
     ),
