@@ -48,7 +48,6 @@ let
     imap1
     fixedWidthNumber
     hasSuffix
-    hasInfix
     escapeShellArg
     unique
     ;
@@ -167,9 +166,17 @@ let
     };
   };
 
-  # Script text (run by bash) or a path to an executable. A single line starting with "/" is a
-  # path; anything else is text.
+  # Script text (run by bash) or a path to an executable (see isHookPath).
   hookType = types.either types.path types.lines;
+
+  # A path literal, a derivation, or a string that is one absolute path with no whitespace
+  # ("${pkg}/bin/x", "/run/current-system/sw/bin/x"). types.path alone would also take
+  # "/usr/bin/systemctl try-restart nginx.service" and make it a dangling symlink in /etc.
+  isHookPath =
+    value:
+    builtins.isPath value
+    || lib.isDerivation value
+    || (builtins.isString value && builtins.match "/[^[:space:]]*" value != null);
 
   hooksOption =
     phase: when:
@@ -187,7 +194,8 @@ let
       description = ''
         Hooks run ${when} each apply, in name order, as
         {file}`/etc/runtime-modules/hooks/${phase}.d/<name>`: script text (run by bash) or a path
-        to an executable. They get `RUNTIME_MODULES_BEFORE`, `RUNTIME_MODULES_AFTER`,
+        to an executable (a path, a package, or a string that is one absolute path without
+        whitespace; a command line with arguments is script text). They get `RUNTIME_MODULES_BEFORE`, `RUNTIME_MODULES_AFTER`,
         `RUNTIME_MODULES_REASON` (and `RUNTIME_MODULES_RESULT` after an apply) in the environment
         and the whole apply as JSON on stdin; see hooks/README.md.${optionalString (phase == "pre-apply") " A hook that exits non-zero vetoes the apply."}
       '';
@@ -338,7 +346,7 @@ let
 
   hookFile =
     phase: name: value:
-    if types.path.check value && !(hasInfix "\n" (toString value)) then
+    if isHookPath value then
       value
     else
       pkgs.writeShellScript "runtime-modules-${phase}-${lib.strings.sanitizeDerivationName name}" value;

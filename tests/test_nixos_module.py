@@ -386,6 +386,30 @@ def test_hooks_become_files_in_the_hook_folders(sample: dict[str, Any]) -> None:
     assert texts["runtime-modules/hooks/post-apply.d/50-notify"] is None
 
 
+def test_a_one_line_command_starting_with_a_slash_is_script_text(nix_eval: NixEval) -> None:
+    """A command line with arguments is not a path: /etc would hold a dangling symlink."""
+    hooks = """{ services.runtimeModules.hooks = {
+        postApply."60-x" = "/run/current-system/sw/bin/systemctl try-restart nginx.service";
+        preApply."20-tab" = "/run/current-system/sw/bin/true\t--flag";
+        postApply."70-exe" = "/run/current-system/sw/bin/true";
+        postApply."80-pkg" = "${pkgs.coreutils}/bin/true";
+        postApply."90-path" = ./nix/lab.nix;
+      }; }"""
+    hooks = hooks.replace("./nix/", f"{REPO}/tests/nix/")
+    base = nix_eval("base", modules=with_sample("{ pkgs, ... }: " + hooks))
+    texts, sources = base["hookTexts"], base["hooks"]
+    post = "runtime-modules/hooks/post-apply.d/"
+    assert texts[post + "60-x"] == "/run/current-system/sw/bin/systemctl try-restart nginx.service"
+    assert re.fullmatch(
+        r"/nix/store/[0-9a-f]{32}-runtime-modules-post-apply-60-x", sources[post + "60-x"]
+    )
+    assert texts["runtime-modules/hooks/pre-apply.d/20-tab"] is not None
+    assert sources[post + "70-exe"] == "/run/current-system/sw/bin/true"
+    assert re.fullmatch(r"/nix/store/[0-9a-f]{32}-coreutils/bin/true", sources[post + "80-pkg"])
+    # A path literal is copied to the store, as NixOS does with an /etc source.
+    assert re.fullmatch(r"/nix/store/[0-9a-z]{32}-lab\.nix", sources[post + "90-path"])
+
+
 def test_tmpfiles_group_and_package(sample: dict[str, Any]) -> None:
     assert sample["tmpfiles"] == [
         "d /run/runtime-modules 0755 root root - -",
