@@ -261,11 +261,15 @@ let
   };
 
   # A comparable fingerprint: JSON with derivations as their store paths. Reading a derivation's
-  # outPath evaluates it (not builds it); that is the cost docs/nixos.md states.
+  # outPath evaluates it (not builds it); that is the cost docs/nixos.md states. A list counts
+  # as a set: NixOS merges these lists by concatenation, so a module that adds a kernel module
+  # the base already loads (or a parameter it already has) repeats it without changing anything.
+  normalise =
+    v: if builtins.isList v then builtins.sort builtins.lessThan (unique (map builtins.toJSON v)) else v;
   fingerprint =
     c: path:
     let
-      r = builtins.tryEval (builtins.toJSON (attrByPath path null c));
+      r = builtins.tryEval (builtins.toJSON (normalise (attrByPath path null c)));
     in
     if r.success then builtins.unsafeDiscardStringContext r.value else "<error>";
 

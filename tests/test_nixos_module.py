@@ -161,6 +161,19 @@ def test_kernel_params_and_initrd_changes_are_detected(nix_eval: NixEval) -> Non
     assert iommu["kernel_changes"] == ["boot.initrd", "boot.kernelParams"]
 
 
+def test_kernel_settings_the_base_already_has_are_no_change(nix_eval: NixEval) -> None:
+    """Lists are sets here: re-adding the base's kvm-amd, or reordering, changes nothing."""
+    module = """{ boot.kernelModules = [ "kvm-amd" ];
+      services.runtimeModules.modules = [ { name = "kvm"; imports = [ {
+        boot.kernelModules = [ "kvm-amd" ];
+        boot.kernelParams = [ "quiet" "quiet" ];
+      } ]; } ]; }"""
+    base = """{ boot.kernelParams = [ "quiet" ]; }"""
+    data = json.loads(nix_eval("base.registryText", modules=with_sample(module, base)))
+    kvm = next(m for m in data["modules"] if m["name"] == "kvm")
+    assert kvm["kernel_changes"] == []
+
+
 def test_kernel_changes_are_left_out_when_not_detected(nix_eval: NixEval) -> None:
     off = "{ services.runtimeModules.detectKernelChanges = false; }"
     data = json.loads(nix_eval("base.registryText", modules=with_sample(off)))
