@@ -283,9 +283,26 @@ let
 
   # --- Generated files ------------------------------------------------------------------------
 
+  # A flake in a subdirectory of its repository (`?dir=nixos`): newer Nix gives `self` the
+  # subdirectory as outPath but the root's sourceInfo and narHash, so the reference is the root
+  # with `dir`. Nix 2.8 gives the root as outPath and no way to find the subdirectory; the
+  # assertion on flake.nix below catches that.
+  flakeRoot = toString (cfg.flake.sourceInfo.outPath or cfg.flake.outPath);
+  flakeSubdir =
+    let
+      out = toString cfg.flake.outPath;
+    in
+    if lib.hasPrefix "${flakeRoot}/" out then lib.removePrefix "${flakeRoot}/" out else null;
+
   flakeRef =
     if cfg.flake != null then
-      "path:${cfg.flake.outPath}" + optionalString (cfg.flake ? narHash) "?narHash=${cfg.flake.narHash}"
+      let
+        query =
+          optional (flakeSubdir != null) "dir=${flakeSubdir}"
+          ++ optional (cfg.flake ? narHash) "narHash=${cfg.flake.narHash}";
+      in
+      "path:${if flakeSubdir != null then flakeRoot else cfg.flake.outPath}"
+      + optionalString (query != [ ]) "?${concatStringsSep "&" query}"
     else
       cfg.flakeUrl;
 
@@ -539,6 +556,16 @@ let
           ${opt}: set exactly one of ${opt}.flake (the flake that builds this system, usually
           `self`: pinned and offline) and ${opt}.flakeUrl (a flake reference such as
           "github:you/nixos-config").
+        '';
+      }
+      {
+        assertion = cfg.flake == null || builtins.pathExists "${cfg.flake.outPath}/flake.nix";
+        message = ''
+          ${opt}.flake: ${toString (cfg.flake.outPath or "")} has no flake.nix, so runtime modules could
+          not extend this system from it. This happens when the flake lives in a subdirectory of
+          its repository (`?dir=...`) and this Nix version gives `self` the repository's root.
+          Set ${opt}.flake = null and ${opt}.flakeUrl to a locked reference instead, e.g.
+          "git+file:///etc/nixos-repo?dir=nixos&rev=<commit>".
         '';
       }
       {

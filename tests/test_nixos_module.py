@@ -24,10 +24,8 @@ from tests.fixtures.system import REPO
 
 EVAL = REPO / "tests" / "nix" / "eval.nix"
 SAMPLE = REPO / "tests" / "nix" / "sample.nix"
-SAMPLE_FLAKE_REF = (
-    "path:/nix/store/11111111111111111111111111111111-source"
-    "?narHash=sha256-Q0s6KkG8c1TqKcI3Qe2K2Y2m1hC8b0a5G9G2d2a2b2c="
-)
+BASE_FLAKE = REPO / "tests" / "nix" / "base-flake"
+SAMPLE_FLAKE_REF = f"path:{BASE_FLAKE}?narHash=sha256-Q0s6KkG8c1TqKcI3Qe2K2Y2m1hC8b0a5G9G2d2a2b2c="
 # A module that swaps nixpkgs for one where every store path differs, as an overlay would.
 OVERLAY = (
     "({ lib, ... }: { _module.args.pkgs = lib.mkForce "
@@ -186,10 +184,30 @@ def test_flake_url_goes_to_the_registry_as_given(nix_eval: NixEval) -> None:
 
 
 def test_flake_without_narhash_is_a_plain_path_ref(nix_eval: NixEval) -> None:
-    module = """{ networking.hostName = "box"; services.runtimeModules = { enable = true;
-        flake = { outPath = "/nix/store/33333333333333333333333333333333-source"; }; }; }"""
+    module = f"""{{ networking.hostName = "box"; services.runtimeModules = {{ enable = true;
+        flake = {{ outPath = "{BASE_FLAKE}"; }}; }}; }}"""
     data = json.loads(nix_eval("base.registryText", modules=f"[ {module} ]"))
-    assert data["flake"] == "path:/nix/store/33333333333333333333333333333333-source"
+    assert data["flake"] == f"path:{BASE_FLAKE}"
+
+
+def test_a_flake_without_flake_nix_at_its_out_path_is_refused(nix_eval: NixEval) -> None:
+    """Nix 2.8's `self` of a flake in a subdirectory (?dir=) is the repository's root."""
+    root = REPO / "tests" / "nix"  # no flake.nix here; base-flake/ has one
+    module = f"""{{ lib, ... }}: {{ services.runtimeModules.flake = lib.mkForce {{
+        outPath = "{root}"; narHash = "sha256-AAAA"; }}; }}"""
+    message = " ".join(nix_eval.error(modules=with_sample(module)).split())
+    assert f"services.runtimeModules.flake: {root} has no flake.nix" in message
+    assert "services.runtimeModules.flakeUrl" in message
+
+
+def test_a_flake_in_a_subdirectory_is_referenced_with_dir(nix_eval: NixEval) -> None:
+    """Newer Nix: outPath is the subdirectory, sourceInfo and narHash the repository's root."""
+    root = REPO / "tests" / "nix"
+    module = f"""{{ lib, ... }}: {{ services.runtimeModules.flake = lib.mkForce {{
+        outPath = "{BASE_FLAKE}"; narHash = "sha256-AAAA";
+        sourceInfo = {{ outPath = "{root}"; narHash = "sha256-AAAA"; }}; }}; }}"""
+    data = json.loads(nix_eval("base.registryText", modules=with_sample(module)))
+    assert data["flake"] == f"path:{root}?dir=base-flake&narHash=sha256-AAAA"
 
 
 # --- The rules --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
   services.runtimeModules = {
     enable = true;
     flake = {
-      outPath = "/nix/store/11111111111111111111111111111111-source";
+      outPath = toString ./base-flake;
       narHash = "sha256-Q0s6KkG8c1TqKcI3Qe2K2Y2m1hC8b0a5G9G2d2a2b2c=";
     };
     builtinModules.enable = true;
