@@ -306,6 +306,27 @@ let
     else
       cfg.flakeUrl;
 
+  # The base flake and every input of it, inputs of inputs included. The registry's reference
+  # keeps only the flake's own source alive; without the inputs (nixpkgs above all) in this
+  # system's closure, `nix-collect-garbage` would make the next `enable` fetch them again, or
+  # fail offline. The key dedupes inputs shared through `follows`.
+  flakeSources = map (x: x.flake.sourceInfo.outPath or x.flake.outPath) (
+    builtins.genericClosure {
+      startSet = [
+        {
+          key = toString cfg.flake.outPath;
+          inherit (cfg) flake;
+        }
+      ];
+      operator =
+        item:
+        map (input: {
+          key = toString input.outPath;
+          flake = input;
+        }) (builtins.attrValues (item.flake.inputs or { }));
+    }
+  );
+
   # The contract with runtime_modules/_registry.py. kernel_changes is left out (unknown) for
   # modules that are not evaluated at build time.
   registry = {
@@ -867,6 +888,7 @@ in
       ) (filter (m: m.path != null) cfg.modules);
 
       environment.systemPackages = [ generated.package ];
+      system.extraDependencies = optionals (cfg.flake != null) flakeSources;
       environment.etc = generated.etc;
       services.udev.packages = [ generated.udevRules ];
 

@@ -190,6 +190,25 @@ def test_flake_without_narhash_is_a_plain_path_ref(nix_eval: NixEval) -> None:
     assert data["flake"] == f"path:{BASE_FLAKE}"
 
 
+def test_the_base_flake_and_all_its_inputs_are_kept_in_the_store(nix_eval: NixEval) -> None:
+    """After nix-collect-garbage, enabling a module must still not need the network."""
+    nixpkgs, home, utils, data = (f"/nix/store/{c * 32}-source" for c in "2345")
+    module = f"""{{ lib, ... }}: {{ services.runtimeModules.flake = lib.mkForce {{
+        outPath = "{BASE_FLAKE}"; narHash = "sha256-AAAA";
+        inputs = {{
+          nixpkgs = {{ outPath = "{nixpkgs}"; inputs = {{ }}; }};
+          home-manager = {{ outPath = "{home}"; inputs = {{
+            nixpkgs = {{ outPath = "{nixpkgs}"; inputs = {{ }}; }};
+            utils = {{ outPath = "{utils}"; inputs = {{ }}; }};
+          }}; }};
+          data = {{ outPath = "{data}"; }};
+        }}; }}; }}"""
+    base = nix_eval("base", modules=with_sample(module))
+    assert sorted(base["extraDependencies"]) == sorted(
+        [str(BASE_FLAKE), nixpkgs, home, utils, data]
+    )
+
+
 def test_a_flake_without_flake_nix_at_its_out_path_is_refused(nix_eval: NixEval) -> None:
     """Nix 2.8's `self` of a flake in a subdirectory (?dir=) is the repository's root."""
     root = REPO / "tests" / "nix"  # no flake.nix here; base-flake/ has one

@@ -53,6 +53,7 @@ let
       service = c.systemd.services.runtime-modules or null;
       udev = c.services.udev.packages;
       tmpfiles = c.systemd.tmpfiles.rules;
+      extraDependencies = map toString c.system.extraDependencies;
       groups = c.users.groups;
       systemPackages = c.environment.systemPackages;
       warnings = c.warnings;

@@ -25,6 +25,7 @@ in
     environment.etc = attrs;
     services.udev.packages = list;
     systemd.tmpfiles.rules = list;
+    system.extraDependencies = list;
     systemd.services = attrs;
     users.groups = attrs;
     networking.hostName = mkOption {
