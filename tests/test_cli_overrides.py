@@ -365,3 +365,18 @@ def test_settings_flags_before_or_after_the_verb(
     for argv in (["--state-dir", str(other), "events"], ["events", "--state-dir", str(other)]):
         assert main(argv) == ExitCode.NO_DAEMON
         assert f"{other}/control.sock does not exist" in capsys.readouterr().err
+
+
+def test_status_names_a_pin_the_registry_no_longer_lists(
+    env: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Such a pin has no module row; without this line nobody would know to `auto` it.
+    store = OverrideStore.from_settings(env)
+    store.pin(["oldmod"], OverrideState.ON, until=None, source=ROOT, persist=False, now=time.time())
+    assert main(["status"]) == ExitCode.OK
+    assert (
+        "  oldmod: pinned on, but the registry has no such module; "
+        "`runtime-modules auto oldmod` removes the pin"
+    ) in capsys.readouterr().out.splitlines()
+    assert main(["status", "gaming"]) == ExitCode.OK  # asked about one module: only that one
+    assert "oldmod" not in capsys.readouterr().out

@@ -484,6 +484,47 @@ def test_a_failed_apply_exits_1_and_says_what_the_daemon_does_next(
     assert applied(public_state) == frozenset()
 
 
+@pytest.mark.usefixtures("cli_env")
+def test_status_text_says_why_and_what_comes_next(
+    start_daemon: Callable[..., DaemonThread],
+    fake_system: FakeSystem,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A long backoff, so the failed apply's retry is still pending when status is asked.
+    start_daemon(reconciler=Reconciler(quiet=0.05, backoff=60.0, backoff_cap=120.0))
+    code, _, err = cli(capsys, "enable", "gaming", "--for", "2h")
+    assert code == ExitCode.OK, err
+    fake_system.control(mode="fail")
+    assert cli(capsys, "enable", "podman")[0] == ExitCode.FAILURE
+    data = status(capsys)
+    assert list(data["daemon"]) == [
+        "pid", "since", "dry_run", "wanted", "paused_modules", "rules", "applying", "pending",
+        "backoff", "given_up",
+    ]  # fmt: skip
+    assert data["daemon"]["backoff"]["failures"] == 1
+    assert data["daemon"]["pending"]["target"] == ["gaming", "podman"]
+    code, out, err = cli(capsys, "status")
+    assert code == ExitCode.OK, err
+    lines = out.splitlines()
+    assert lines[1].startswith(f"daemon pid {os.getpid()} since ")
+    assert lines[2] == "applied: gaming"
+    at = r"(\d\d:\d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d)"  # the date only on another day
+    rows = {ln.split()[0]: ln for ln in lines if ln.startswith("  ")}
+    assert re.fullmatch(
+        rf"  gaming +enabled +wanted: pinned on by root until {at} \(enable gaming --for 2h\)",
+        rows["gaming"],
+    ), rows["gaming"]
+    assert rows["podman"].startswith("  podman          failed    wanted: pinned on by root")
+    assert rows["virtualization"].endswith("not wanted: no rule wants it")
+    assert any(
+        re.fullmatch(
+            rf"next: gaming podman at {at} \(held back after 1 failed apply in a row\)", ln
+        )
+        for ln in lines
+    ), lines
+    assert any(ln.startswith("last apply ") and ": failed, " in ln for ln in lines), lines
+
+
 def test_events_stream_what_happens(
     start_daemon: Callable[..., DaemonThread],
     netns: str,

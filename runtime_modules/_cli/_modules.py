@@ -148,7 +148,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(data)
     else:
-        _print_status(data)
+        _print_status(data, filtered=bool(args.modules))
     return int(ExitCode.OK)
 
 
@@ -164,7 +164,7 @@ def local_status(settings: Settings, modules: Sequence[str] = ()) -> dict[str, A
     return status_json(settings, registry, state, modules, overrides=overrides)
 
 
-def _print_status(data: dict[str, Any]) -> None:
+def _print_status(data: dict[str, Any], *, filtered: bool = False) -> None:
     now = time.time()
     print(f"host {data['host']}, running {data['system'] or '(no current system)'}")
     daemon = data.get("daemon")
@@ -191,6 +191,15 @@ def _print_status(data: dict[str, Any]) -> None:
         if r["message"]:
             line += f"  ({r['message']})"
         print(line.rstrip())
+    if not filtered:
+        # A pin of a module the registry no longer lists has no row: say it, and how to drop it.
+        shown = {r["name"] for r in rows}
+        for pin in data["overrides"]:
+            if pin["module"] not in shown:
+                print(
+                    f"  {pin['module']}: pinned {pin['state']}, but the registry has no such "
+                    f"module; `runtime-modules auto {pin['module']}` removes the pin"
+                )
     if daemon is not None:
         applying = daemon["applying"]
         if applying is not None:
@@ -205,7 +214,13 @@ def _print_status(data: dict[str, Any]) -> None:
                 if pending["at"] is None
                 else f"at {_at(pending['at'], now)}"
             )
-            print(f"next: {target} {when}" + (" (rebuild)" if pending["rebuild"] else ""))
+            notes = ["rebuild"] if pending["rebuild"] else []
+            backoff = daemon["backoff"]
+            if backoff is not None:
+                n = backoff["failures"]
+                notes.append(f"held back after {n} failed appl{'y' if n == 1 else 'ies'} in a row")
+            note = f" ({', '.join(notes)})" if notes else ""
+            print(f"next: {target} {when}{note}")
         given_up = daemon["given_up"]
         if given_up is not None:
             print(
