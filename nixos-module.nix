@@ -566,6 +566,13 @@ let
   # What the hook runner will run: no path separator, not hidden, not an editor backup.
   validHookName = n: builtins.match "[A-Za-z0-9_][A-Za-z0-9_.+-]*" n != null && !(hasSuffix "~" n);
 
+  # Locked: a commit (`rev=`, or github:/gitlab:/sourcehut: with a full commit hash as the ref)
+  # or a content hash (`narHash=`). Anything else is resolved again whenever the daemon locks it.
+  lockedFlakeRef =
+    r:
+    builtins.match ".*[?&](rev|narHash)=.*" r != null
+    || builtins.match "(github|gitlab|sourcehut):[^/?]+/[^/?]+/[0-9a-f]{40}([?#].*)?" r != null;
+
   moduleNames = map (m: m.name) allModules;
   duplicateNames = unique (filter (n: builtins.length (filter (x: x == n) moduleNames) > 1) moduleNames);
 
@@ -692,9 +699,11 @@ in
       default = null;
       example = "github:alice/nixos-config";
       description = ''
-        A flake reference to the base system's flake, for when `self` is not at hand. It is
-        locked once and kept; prefer {option}`services.runtimeModules.flake`, which is pinned to
-        the exact source of this system.
+        A flake reference to the base system's flake, for when `self` is not at hand. Give a
+        locked one (`?rev=<commit>` or `?narHash=...`): an unlocked one is locked at the first
+        apply and kept until reboot, so an extended system may be built on another revision
+        than this system (a warning says so). Prefer {option}`services.runtimeModules.flake`,
+        which is pinned to the exact source of this system.
       '';
     };
 
@@ -883,9 +892,20 @@ in
     { services.runtimeModules.internal.moduleImports = if cfg.enable then moduleImports else { }; }
     (mkIf cfg.enable {
       inherit assertions;
-      warnings = map (
-        m: "${opt}.modules: module ${m.name} uses `path`, which is deprecated; write `imports = [ ${toString m.path} ];` instead."
-      ) (filter (m: m.path != null) cfg.modules);
+      warnings =
+        map (
+          m: "${opt}.modules: module ${m.name} uses `path`, which is deprecated; write `imports = [ ${toString m.path} ];` instead."
+        ) (filter (m: m.path != null) cfg.modules)
+        # runtime-modules locks an unlocked reference at the first apply and keeps that lock
+        # until the reference's text changes (in /run: until reboot). So an extended system can
+        # be built on another base than the running one: the old one after the base was updated
+        # and rebuilt, upstream's newest after a reboot.
+        ++ optional (isBase && cfg.flakeUrl != null && !(lockedFlakeRef cfg.flakeUrl)) ''
+          ${opt}.flakeUrl = ${builtins.toJSON cfg.flakeUrl} is not locked (no rev= or narHash=):
+          runtime modules may then extend another revision of it than the one this system was
+          built from, and enabling a module can change or even upgrade the base system. Use
+          ${opt}.flake = self, or a locked reference (with ?rev=<commit> or ?narHash=...).
+        '';
 
       environment.systemPackages = [ generated.package ];
       system.extraDependencies = optionals (cfg.flake != null) flakeSources;

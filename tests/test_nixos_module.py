@@ -183,6 +183,31 @@ def test_flake_url_goes_to_the_registry_as_given(nix_eval: NixEval) -> None:
     assert data == {"host": "box", "flake": "github:alice/nixos-config", "modules": []}
 
 
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("github:alice/nixos-config", True),
+        ("path:/etc/nixos", True),
+        ("git+https://example.org/cfg?ref=main", True),
+        ("github:alice/nixos-config?rev=" + "a" * 40, False),
+        ("github:alice/nixos-config/" + "0123456789abcdef0123456789abcdef01234567", False),
+        ("git+file:///srv/cfg?dir=nixos&rev=" + "b" * 40, False),
+        ("path:/nix/store/" + "c" * 32 + "-source?narHash=sha256-AAAA", False),
+    ],
+)
+def test_an_unlocked_flake_url_is_warned_about(nix_eval: NixEval, url: str, warned: bool) -> None:
+    """An unlocked base can differ from the running one: after an update, or after a reboot."""
+    module = MINIMAL.replace('"github:alice/nixos-config"', json.dumps(url))
+    warnings = nix_eval("base.warnings", modules=f"[ {module} ]")
+    if warned:
+        [warning] = warnings
+        text = " ".join(warning.split())
+        assert f"services.runtimeModules.flakeUrl = {json.dumps(url)} is not locked" in text
+        assert "services.runtimeModules.flake = self" in text
+    else:
+        assert warnings == []
+
+
 def test_flake_without_narhash_is_a_plain_path_ref(nix_eval: NixEval) -> None:
     module = f"""{{ networking.hostName = "box"; services.runtimeModules = {{ enable = true;
         flake = {{ outPath = "{BASE_FLAKE}"; }}; }}; }}"""
