@@ -105,7 +105,8 @@ class ControlClient:
                 sock.sendall(request.model_dump_json().encode() + b"\n")
             except OSError as exc:
                 raise ControlError(
-                    f"{self.path}: cannot send the request: {exc.strerror}"
+                    f"{self.path}: cannot send the request: {exc.strerror}; did the daemon stop? "
+                    "(see `journalctl -u runtime-modules`)"
                 ) from None
             wait = getattr(request, "wait", True)
             sock.settimeout(self.answer_timeout)
@@ -144,7 +145,8 @@ class ControlClient:
                 continue
             if len(buf) > MAX_RESPONSE_BYTES:
                 raise ControlError(
-                    f"{self.path}: an answer line is over {MAX_RESPONSE_BYTES} bytes"
+                    f"{self.path}: an answer line is over {MAX_RESPONSE_BYTES} bytes; "
+                    "restart the daemon if it is older than this command"
                 )
             try:
                 chunk = sock.recv(65536)
@@ -157,7 +159,10 @@ class ControlClient:
             except OSError as exc:
                 if exc.errno == errno.ECONNRESET:
                     return
-                raise ControlError(f"{self.path}: {exc.strerror}") from None
+                raise ControlError(
+                    f"{self.path}: {exc.strerror} while reading the answer "
+                    "(see `journalctl -u runtime-modules`)"
+                ) from None
             if not chunk:
                 return
             buf += chunk
