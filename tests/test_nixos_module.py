@@ -741,3 +741,84 @@ def test_flake_outputs_and_package_follow_pyproject(
     assert set(data["dependencies"]) == wanted
     assert data["build-system"] == ["setuptools"]
     assert data["mainProgram"] == next(iter(project["scripts"]))
+
+
+# --- The documented configuration allows rt.gaming's unfree packages ------------------------
+
+STEAM = ["steam", "steam-unwrapped", "steam-original", "steam-run"]
+
+
+def _nix_json(nix_instantiate: str, expr: str) -> Any:
+    proc = subprocess.run(
+        [nix_instantiate, "--eval", "--strict", "--json", "-E", expr],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _snippet(path: Path, heading: str) -> str:
+    """The first ```nix block after ``heading``."""
+    text = path.read_text().split(heading, 1)[1]
+    return text.split("```nix\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading"), [("README.md", "## On NixOS"), ("docs/nixos.md", "## Quick start")]
+)
+def test_the_documented_flake_allows_steam_and_nothing_else(
+    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path, doc: str, heading: str
+) -> None:
+    """builtinModules.enable validates rt.gaming, whose Steam is unfree (else the build fails)."""
+    flake = tmp_path / "flake.nix"
+    flake.write_text(_snippet(REPO / doc, heading))
+    expr = f"""
+      let
+        lib = import {nixpkgs_lib};
+        nixpkgs = {{ lib = lib // {{ nixosSystem = args: args; }}; }};
+        out = (import {flake}).outputs {{ self = {{ }}; inherit nixpkgs; runtime-modules = {{
+          nixosModules.default = {{ }}; }}; }};
+        modules = out.nixosConfigurations.laptop.modules;
+        ours = lib.findFirst (m: builtins.isAttrs m && m ? services) null modules;
+        allowed = ours.nixpkgs.config.allowUnfreePredicate;
+      in {{
+        builtins = ours.services.runtimeModules.builtinModules.enable;
+        steam = map (pname: allowed {{ inherit pname; }}) {json.dumps(STEAM).replace(",", "")};
+        other = allowed {{ pname = "nvidia-x11"; }};
+      }}
+    """
+    data = _nix_json(nix_instantiate, expr)
+    assert data == {"builtins": True, "steam": [True] * len(STEAM), "other": False}
+
+
+def test_the_builtin_checks_allow_only_what_the_docs_allow(
+    nix_instantiate: str, nixpkgs_lib: Path
+) -> None:
+    """With allowUnfree the builtin-gaming check would hide the documented failure."""
+    expr = f"""
+      let
+        lib = import {nixpkgs_lib};
+        config = args: (lib.last args.modules).nixpkgs.config;
+        pkgs = {{
+          stdenv.hostPlatform.system = "aarch64-linux";
+          system = "aarch64-linux";
+          runCommand = name: env: script: env;
+          callPackage = f: args: {{ }};
+        }};
+        nixosSystem = args: {{ config.system.build.toplevel.drvPath = builtins.toJSON {{
+          allowUnfree = (config args).allowUnfree or false;
+          steam = map (pname: (config args).allowUnfreePredicate {{ inherit pname; }})
+            {json.dumps(STEAM).replace(",", "")};
+          other = (config args).allowUnfreePredicate {{ pname = "nvidia-x11"; }};
+        }}; }};
+        flake = import {REPO}/flake.nix;
+        out = flake.outputs {{ self = out // {{ outPath = {REPO}; }};
+                               nixpkgs = {{ lib = lib // {{ inherit nixosSystem; }};
+                                 legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ]
+                                   (_: pkgs); }}; }};
+      in builtins.fromJSON out.checks.aarch64-linux.builtin-gaming.drv
+    """
+    data = _nix_json(nix_instantiate, expr)
+    assert data == {"allowUnfree": False, "steam": [True] * len(STEAM), "other": False}
