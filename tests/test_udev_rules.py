@@ -405,3 +405,52 @@ def test_a_network_adapter_on_another_bus_is_other(udev_test_tools: None, tmp_pa
         "RUNTIME_MODULES_NET_BUS": "other",
         "tag": TAG,
     }
+
+
+# A Thunderbolt dock's PCIe NIC (its PCI device hangs below the tunnel's hotplug bridges) and the
+# onboard NIC both have ID_BUS=pci. The kernel marks PCI devices below an external-facing port
+# "removable" (drivers/pci/probe.c: pci_set_removable), as the USB core does for devices on a
+# removable port; the rules read that from the ancestors.
+_TB = "/devices/pci0000:00/0000:00:07.0/0000:20:00.0/0000:21:01.0/0000:22:00.0"
+
+
+@pytest.mark.umockdev
+@pytest.mark.parametrize(
+    ("removable", "external"),
+    [("removable", True), ("fixed", False), (None, False)],
+    ids=["dock", "onboard", "no-attribute"],
+)
+def test_a_pci_nic_behind_an_external_port_is_external(
+    udev_test_tools: None, tmp_path: Path, removable: str | None, external: bool
+) -> None:
+    devpath = f"{_TB}/net/enp34s0"
+    attribute = f"\nA: removable={removable}" if removable is not None else ""
+    records = [
+        f"P: {devpath}\nE: SUBSYSTEM=net\nE: INTERFACE=enp34s0\nE: ID_BUS=pci",
+        f"P: {_TB}\nE: SUBSYSTEM=pci\nE: DRIVER=igc{attribute}",
+        "P: /devices/pci0000:00/0000:00:07.0/0000:20:00.0/0000:21:01.0\nE: SUBSYSTEM=pci",
+        "P: /devices/pci0000:00/0000:00:07.0/0000:20:00.0\nE: SUBSYSTEM=pci",
+        "P: /devices/pci0000:00/0000:00:07.0\nE: SUBSYSTEM=pci",
+    ]
+    expected = {"RUNTIME_MODULES_CLASS": "net", "RUNTIME_MODULES_NET_BUS": "pci", "tag": TAG}
+    if external:
+        expected["RUNTIME_MODULES_NET_EXTERNAL"] = "1"
+    assert ours(udevadm_test(records, devpath, tmp_path)) == expected
+
+
+@pytest.mark.umockdev
+def test_a_usb_nic_on_a_removable_port_is_external(udev_test_tools: None, tmp_path: Path) -> None:
+    usb = "/devices/pci0000:00/0000:00:14.0/usb1/1-2"
+    devpath = f"{usb}/1-2:1.0/net/enx00e04c6800c8"
+    records = [
+        f"P: {devpath}\nE: SUBSYSTEM=net\nE: INTERFACE=enx00e04c6800c8\nE: ID_BUS=usb",
+        f"P: {usb}/1-2:1.0\nE: SUBSYSTEM=usb\nE: DEVTYPE=usb_interface",
+        f"P: {usb}\nE: SUBSYSTEM=usb\nE: DEVTYPE=usb_device\nA: removable=removable",
+        "P: /devices/pci0000:00/0000:00:14.0\nE: SUBSYSTEM=pci\nA: removable=fixed",
+    ]
+    assert ours(udevadm_test(records, devpath, tmp_path)) == {
+        "RUNTIME_MODULES_CLASS": "net",
+        "RUNTIME_MODULES_NET_BUS": "usb",
+        "RUNTIME_MODULES_NET_EXTERNAL": "1",
+        "tag": TAG,
+    }
