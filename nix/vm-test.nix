@@ -140,12 +140,41 @@ pkgs.testers.runNixOSTest {
     machine.copy_from_host("${configuration}", "/etc/nixos/configuration.nix")
     machine.copy_from_host("${labModule}", "/etc/nixos/lab.nix")
 
+    # What an extended system must not change. The unit has reloadIfChanged, so a changed unit
+    # is reloaded and keeps its PID: the PID alone cannot tell. These are the store paths of the
+    # unit file and of everything the module puts in /etc.
+    def identity():
+        return machine.succeed(
+            "for f in /etc/systemd/system/runtime-modules.service"
+            " $(find /etc/runtime-modules -mindepth 1 | sort);"
+            ' do echo "$f -> $(readlink -f "$f")"; done'
+        )
+
+    def assert_not_reloaded():
+        # The daemon logs this on SIGHUP, which switch-to-configuration sends to a changed unit.
+        machine.fail(
+            f"journalctl -u runtime-modules.service --since '{since}' --no-pager"
+            " | grep -q 'rules reloaded'"
+        )
+
     with subtest("switch into a base system built from the flake"):
         machine.succeed("nixos-rebuild test --flake /etc/nixos#machine >&2")
         machine.wait_for_unit("runtime-modules.service")
         machine.succeed("runtime-modules list >&2")
         machine.fail("test -e /etc/lab-module")
         daemon_pid = machine.succeed("systemctl show -P MainPID runtime-modules.service").strip()
+        base_identity = identity()
+        # Reloads count from here on, not during the switch into the base.
+        machine.succeed("sleep 1")
+        since = machine.succeed("date '+%Y-%m-%d %H:%M:%S'").strip()
+
+    with subtest("the unit NixOS renders verifies without warnings"):
+        # --recursive-errors=no: only this unit, not every unit it names.
+        verify = machine.succeed(
+            "systemd-analyze verify --recursive-errors=no"
+            " /etc/systemd/system/runtime-modules.service 2>&1"
+        )
+        assert verify.strip() == "", f"systemd-analyze verify warns:\n{verify}"
 
     with subtest("hot-plug a NIC: the udev rules classify it"):
         machine.send_monitor_command("netdev_add user,id=hotplug0")
@@ -164,6 +193,12 @@ pkgs.testers.runNixOSTest {
         machine.succeed("runtime-modules status >&2")
         pid_after = machine.succeed("systemctl show -P MainPID runtime-modules.service").strip()
         assert pid_after == daemon_pid, f"the daemon was restarted: {daemon_pid} -> {pid_after}"
+        extended_identity = identity()
+        assert extended_identity == base_identity, (
+            f"the extended system changed the unit or /etc/runtime-modules:\n"
+            f"{base_identity}\n->\n{extended_identity}"
+        )
+        assert_not_reloaded()
 
     with subtest("unplug it: the module goes away after its linger"):
         machine.send_monitor_command("device_del hotnic0")
@@ -171,5 +206,7 @@ pkgs.testers.runNixOSTest {
         machine.fail("systemctl is-active lab-marker.service")
         pid_after = machine.succeed("systemctl show -P MainPID runtime-modules.service").strip()
         assert pid_after == daemon_pid, f"the daemon was restarted: {daemon_pid} -> {pid_after}"
+        assert identity() == base_identity, "switching back changed the unit or /etc/runtime-modules"
+        assert_not_reloaded()
   '';
 }

@@ -822,3 +822,33 @@ def test_the_builtin_checks_allow_only_what_the_docs_allow(
     """
     data = _nix_json(nix_instantiate, expr)
     assert data == {"allowUnfree": False, "steam": [True] * len(STEAM), "other": False}
+
+
+# --- The VM test's script ---------------------------------------------------------------------
+
+
+def test_the_vm_test_script_compiles_and_checks_what_the_pid_cannot(
+    nix_instantiate: str, nixpkgs_lib: Path
+) -> None:
+    """nix/vm-test.nix runs only under `nix flake check` on NixOS; here: its Python is valid and
+    it looks at what a reload (which keeps the PID) would change."""
+    expr = f"""
+      let
+        lib = import {nixpkgs_lib};
+        pkgs = {{
+          inherit lib;
+          path = "/nix/store/{"1" * 32}-nixpkgs";
+          writeText = name: _text: "/nix/store/{"2" * 32}-${{name}}";
+          stdenv.hostPlatform.system = "x86_64-linux";
+          testers.runNixOSTest = args: args;
+        }};
+        self = {{ outPath = "{REPO}"; nixosModules.default = {{ }}; }};
+      in (import {REPO}/nix/vm-test.nix {{ inherit pkgs self; }}).testScript
+    """
+    script = _nix_json(nix_instantiate, expr)
+    compile(script, "vm-test.nix testScript", "exec")
+    assert "readlink -f" in script and "/etc/systemd/system/runtime-modules.service" in script
+    assert "find /etc/runtime-modules" in script
+    assert "rules reloaded" in script
+    assert "systemd-analyze verify" in script
+    assert script.count("assert_not_reloaded()") == 3  # defined, then after each switch
