@@ -5,13 +5,20 @@ One apply, under the apply lock (``_lock``):
 1. read the state; an ``in_progress`` record left by a dead applier is rolled back first;
 2. resolve and validate the target; no change and no ``force`` -> UNCHANGED, nothing runs;
 3. pre-apply hooks (a failing one vetoes: VETOED, nothing runs);
-4. record the running system (``/run/current-system``) and write ``in_progress`` to the state;
-5. write the generated flake (``_flake``) and run ``nixos-rebuild test --flake path:<dir>#<host>``
-   in its own process group, streaming each line to the caller, a capped log file and the journal;
-6. success: the state says the target is applied. Failure, timeout, cancel: the whole process group
-   is killed and the recorded system is switched back to (``<previous>/bin/switch-to-configuration
-   test``); the state says the previous set is applied and the modules that were to change failed;
-7. post-apply hooks, which cannot veto.
+4. write ``in_progress`` (with the running system, ``/run/current-system``) to the state;
+5. build: write the generated flake (``_flake``) and run ``nixos-rebuild build --flake
+   path:<dir>#<host>`` in a scratch directory, in its own process group, streaming each line to
+   the caller, a capped log file and the journal. It changes nothing on the running system, so a
+   failure, timeout or cancel kills its whole process group and the apply ends: nothing to undo;
+6. activate: run ``<built system>/bin/switch-to-configuration test`` ourselves. It is never killed
+   (not by a timeout, a cancel or a stop: a half-run activation is what rollback exists for), so
+   nothing of ours can race it. Current ``nixos-rebuild`` runs its own activation in a transient
+   systemd unit outside our process group, so killing it would leave that running beside our
+   rollback; that is why the two phases are ours (docs/applier.md);
+7. success: the state says the target is applied. An activation that fails is rolled back to the
+   recorded system (``<previous>/bin/switch-to-configuration test``), unless the running system is
+   neither that one nor the built one (switched by hand meanwhile: left alone, state uncertain);
+8. post-apply hooks, which cannot veto.
 
 ``apply`` does not raise for a failed apply: the outcome says what happened, in one line, and
 where the full log is. It raises for what stops an apply before anything runs (unknown module,
@@ -72,6 +79,10 @@ KEEP_LOGS = 20  # newest apply logs kept in <state dir>/logs
 JOURNAL_OUTPUT_LINES = 10_000
 MAX_LINE_BYTES = 64 * 1024  # a longer "line" is cut into pieces
 TERM_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for nixos-rebuild's process group
+# An activation is never killed; past this it is only said to be slow (journal warning). NixOS
+# bounds each unit's start by its own timeouts (DefaultTimeoutStartSec=90s a unit), so a quarter
+# of an hour means something waits that will not come.
+ACTIVATION_REPORT_AFTER = 15 * 60.0
 EXIT_DRAIN = 1.0  # after the command exits, how long leftovers may keep its output pipe open
 LAST_LINES = 20  # output lines kept to explain a failure
 
@@ -103,6 +114,7 @@ class _Run:
     returncode: int | None = None
     timed_out: bool = False
     cancelled: bool = False
+    overran: bool = False  # ran past its bound but was not killed (an activation)
     error: str | None = None  # it could not be started
     last_lines: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=LAST_LINES)
@@ -110,10 +122,14 @@ class _Run:
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not (self.timed_out or self.cancelled)
+        return (
+            self.returncode == 0 and self.error is None and not (self.timed_out or self.cancelled)
+        )
 
     def describe(self, name: str, timeout: float) -> str:
-        if self.error is not None:
+        if self.error is not None and self.returncode is not None:
+            what = f"{name} ended, but {self.error}"
+        elif self.error is not None:
             what = f"{name} could not be started: {self.error}"
         elif self.timed_out:
             what = f"{name} timed out after {_seconds(timeout)} and was killed"
@@ -272,6 +288,9 @@ class Applier:
         self.registry = registry
         self.journal = journal if journal is not None else Journal.for_level(settings.log_level)
         self.dry_run = dry_run
+        # What the dry runs of this applier would have applied: never written to the state file
+        # (the real system did not change), yet a dry-run daemon must not "apply" it again.
+        self.dry_applied: frozenset[str] | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -363,16 +382,25 @@ class Applier:
 
     def _apply_locked(self, ctx: _Context, target: Target) -> ApplyOutcome:
         state = load_state(self.settings, journal=self.journal)
-        if state.in_progress is not None:
+        if state.in_progress is not None and not self.dry_run:
             self._recover_locked(state, ctx.lock)
             state = load_state(self.settings, journal=self.journal)
+        stale = state.uncertain or drift(self.settings, state)
+        if self.dry_run and self.dry_applied is not None:
+            state, stale = state.with_(applied=self.dry_applied), None
         # Modules the registry no longer has cannot stay applied: the base system dropped them.
         before = state.applied
         goal = frozenset(target(before & self.registry.names)) if callable(target) else target
         self.registry.check_known(sorted(goal))
-        stale = state.uncertain or drift(self.settings, state)
         if goal == before and not ctx.force and stale is None:
             return self._unchanged(ctx, state)
+        system_before = current_system(self.settings)
+        if system_before is None and not self.dry_run:
+            # Before anything is said or run: no hook should prepare an apply that cannot start.
+            raise ConfigError(
+                f"{self.settings.current_system} does not exist, so there would be no system to "
+                "roll back to; is this NixOS? (set RUNTIME_MODULES_CURRENT_SYSTEM for another link)"
+            )
 
         log_path = None if self.dry_run else self.settings.log_dir / f"{ctx.apply_id}.log"
         self.journal.send(
@@ -396,7 +424,6 @@ class Applier:
             self.settings.hook_timeout,
             self.journal,
         )
-        system_before = current_system(self.settings)
         if hooks and not hooks[-1].ok:
             veto = hooks[-1]
             message = (
@@ -411,11 +438,7 @@ class Applier:
             message = "cancelled before the rebuild started; nothing changed"
             end = _End(ApplyResult.CANCELLED, before, system_before, system_before, message)
             return self._finish(ctx, state, goal, end, hooks, event=JournalEvent.APPLY_FAILED)
-        if system_before is None:
-            raise ConfigError(
-                f"{self.settings.current_system} does not exist, so there would be no system to "
-                "roll back to; is this NixOS? (set RUNTIME_MODULES_CURRENT_SYSTEM for another link)"
-            )
+        assert system_before is not None
         progress = InProgress(
             apply_id=ctx.apply_id,
             pid=os.getpid(),
@@ -447,22 +470,18 @@ class Applier:
             end = _End(ApplyResult.FAILED, before, system_before, system_before, message, log)
             return self._finish(ctx, state, goal, end, hooks, event=JournalEvent.APPLY_FAILED)
 
-        argv = [
-            *self.settings.nixos_rebuild,
-            "test",
-            "--flake",
-            flake_ref(self.settings.flake_dir, self.registry.host),
-        ]
-        log.write(f"# apply {ctx.apply_id} ({ctx.reason}): {' '.join(argv)}")
-
-        def spawned(pgid: int) -> None:
-            # Recovery must be able to find (and kill) a rebuild whose applier died.
-            running = replace(progress, rebuild_pgid=pgid, rebuild_start=process_start_time(pgid))
-            with contextlib.suppress(StateError, OSError):
-                save_state(self.settings, state.with_(in_progress=running))
-
-        run = self._run(argv, self.settings.apply_timeout, ctx, log, on_spawn=spawned)
-        if run.ok:
+        built, build = self._build(ctx, log, state, progress)
+        if built is None:
+            return self._build_failed(
+                ctx, state, goal, build, system_before=system_before, log=log, hooks=hooks
+            )
+        switch = Path(built) / "bin" / "switch-to-configuration"
+        log.flush_tail()
+        log.write(f"# activating: {switch} test")
+        activation = self._run(
+            [str(switch), "test"], ACTIVATION_REPORT_AFTER, ctx, log, killable=False
+        )
+        if activation.ok:
             message = (
                 f"{_phrase(before, goal, past=True)} (apply {ctx.apply_id}, "
                 f"{time.monotonic() - ctx.t0:.1f} s)"
@@ -473,10 +492,50 @@ class Applier:
                 ctx, state, goal, end, hooks, event=JournalEvent.APPLY_SUCCEEDED, post_hooks=True
             )
         return self._fail_and_roll_back(
-            ctx, state, goal, run, system_before=system_before, log=log, hooks=hooks
-        )
+            ctx, state, goal, activation, system_before=system_before, built=built, log=log,
+            hooks=hooks,
+        )  # fmt: skip
 
-    def _fail_and_roll_back(
+    def _build(
+        self, ctx: _Context, log: _OutputLog, state: State, progress: InProgress
+    ) -> tuple[str | None, _Run]:
+        """Phase 1: ``nixos-rebuild build``; (the built system or None, how it ran).
+
+        Killable (timeout, cancel): building changes nothing on the running system.
+        """
+        scratch = self.settings.state_dir / "build"
+        result = scratch / "result"
+        run = _Run()
+        try:
+            scratch.mkdir(parents=True, exist_ok=True, mode=0o755)
+            if result.is_symlink() or result.exists():
+                result.unlink()  # a link from an earlier build must not pass for this one
+        except OSError as exc:
+            run.error = f"cannot prepare {scratch}: {exc.strerror or exc}"
+            return None, run
+        argv = [
+            *self.settings.nixos_rebuild,
+            "build",
+            "--flake",
+            flake_ref(self.settings.flake_dir, self.registry.host),
+        ]
+        log.write(f"# apply {ctx.apply_id} ({ctx.reason}): {' '.join(argv)}")
+
+        def spawned(pgid: int) -> None:
+            # Recovery must be able to find (and kill) a build whose applier died.
+            running = replace(progress, rebuild_pgid=pgid, rebuild_start=process_start_time(pgid))
+            with contextlib.suppress(StateError, OSError):
+                save_state(self.settings, state.with_(in_progress=running))
+
+        run = self._run(argv, self.settings.apply_timeout, ctx, log, on_spawn=spawned, cwd=scratch)
+        if not run.ok:
+            return None, run
+        if not result.is_symlink():
+            run.error = f"it left no {result} link to the built system"
+            return None, run
+        return os.path.realpath(result), run
+
+    def _build_failed(
         self,
         ctx: _Context,
         state: State,
@@ -487,6 +546,7 @@ class Applier:
         log: _OutputLog,
         hooks: list[HookResult],
     ) -> ApplyOutcome:
+        """The build failed, timed out or was stopped: the running system was never touched."""
         before = state.applied
         if run.timed_out:
             result = ApplyResult.TIMED_OUT
@@ -494,17 +554,64 @@ class Applier:
             result = ApplyResult.CANCELLED
         else:
             result = ApplyResult.FAILED
-        what = run.describe("nixos-rebuild", self.settings.apply_timeout)
+        what = run.describe("nixos-rebuild build", self.settings.apply_timeout)
+        if run.error is not None and run.returncode is None:
+            what += (
+                f" (the command is {' '.join(self.settings.nixos_rebuild)!r}: is this NixOS? set "
+                "RUNTIME_MODULES_NIXOS_REBUILD to the nixos-rebuild command)"
+            )
+        message = (
+            f"could not {_phrase(before, goal, past=False)}: {what}; the running system was not "
+            f"touched; {log.where()}"
+        )
+        end = _End(result, before, system_before, current_system(self.settings), message, log)
+        return self._finish(
+            ctx, state, goal, end, hooks,
+            event=JournalEvent.APPLY_FAILED, post_hooks=True, mark_failed=True, phase="build",
+        )  # fmt: skip
+
+    def _fail_and_roll_back(
+        self,
+        ctx: _Context,
+        state: State,
+        goal: frozenset[str],
+        run: _Run,
+        *,
+        system_before: str,
+        built: str,
+        log: _OutputLog,
+        hooks: list[HookResult],
+    ) -> ApplyOutcome:
+        """The activation failed: roll back to ``system_before``, unless someone switched."""
+        before = state.applied
+        result = ApplyResult.FAILED
+        what = run.describe(f"switch-to-configuration test of {built}", ACTIVATION_REPORT_AFTER)
         failed = f"could not {_phrase(before, goal, past=False)}: {what}"
         self.journal.send(
             JournalEvent.APPLY_FAILED,
             failed,
             **self._fields(ctx, before, goal),
             result=result,
+            phase="activation",
             system_before=system_before,
             duration_ms=round((time.monotonic() - ctx.t0) * 1000),
             log_path=log.path,
         )
+        now = current_system(self.settings)
+        if now not in (system_before, built):
+            # Someone ran `nixos-rebuild switch` meanwhile: rolling back would undo their switch.
+            message = (
+                f"{failed}; the running system is now {now}, neither the previous one nor the "
+                "one built, so it was switched by hand meanwhile and is not rolled back; "
+                f"run `runtime-modules rebuild` to make it match; {log.where()}"
+            )
+            end = _End(result, before, system_before, now, message, log)
+            return self._finish(
+                ctx, state, goal, end, hooks,
+                event=JournalEvent.APPLY_FAILED, post_hooks=True, mark_failed=True,
+                uncertain=f"switched by hand during a failed apply: the running system is {now}",
+                phase="activation",
+            )  # fmt: skip
         rolled_back, problem = self._roll_back(system_before, ctx, log)
         if rolled_back:
             message = f"{failed}; rolled back to {system_before}; {log.where()}"
@@ -544,6 +651,7 @@ class Applier:
         mark_failed: bool = False,
         uncertain: str | None = None,
         hook: str | None = None,
+        phase: str | None = None,
     ) -> ApplyOutcome:
         """Record the end of an apply in the state, say it, run post hooks, make the outcome."""
         result, after, message, log = end.result, end.after, end.message, end.log
@@ -601,6 +709,7 @@ class Applier:
             duration_ms=round(duration * 1000),
             log_path=log.path if log is not None else None,
             hook=hook,
+            phase=phase,
         )
         if post_hooks:
             payload = self._payload(
@@ -723,20 +832,55 @@ class Applier:
         )
 
     def _dry_run(self, ctx: _Context, state: State, goal: frozenset[str]) -> ApplyOutcome:
-        """Everything but nixos-rebuild and hooks (they act on the real system)."""
-        write_flake(
-            self.settings.flake_dir,
-            base_url=self.registry.flake,
-            host=self.registry.host,
-            modules=goal,
-        )
+        """Everything but nixos-rebuild and hooks (they act on the real system).
+
+        The state file is not written: it describes the real system, which did not change. What
+        the dry run would have applied is kept in ``dry_applied``, for this applier's next call.
+        """
+        before = state.applied
         system = current_system(self.settings)
-        message = (
-            f"dry run: would {_phrase(state.applied, goal, past=False)} "
-            f"(flake written to {self.settings.flake_dir}; nixos-rebuild not run)"
+        try:
+            write_flake(
+                self.settings.flake_dir,
+                base_url=self.registry.flake,
+                host=self.registry.host,
+                modules=goal,
+            )
+        except (OSError, ConfigError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            result, after, event = ApplyResult.FAILED, before, JournalEvent.APPLY_FAILED
+            message = (
+                f"dry run: could not {_phrase(before, goal, past=False)}: cannot write the "
+                f"generated flake in {self.settings.flake_dir}: {why}"
+            )
+        else:
+            result, after, event = ApplyResult.DRY_RUN, goal, JournalEvent.APPLY_SUCCEEDED
+            message = (
+                f"dry run: would {_phrase(before, goal, past=False)} "
+                f"(flake written to {self.settings.flake_dir}; nixos-rebuild not run)"
+            )
+            self.dry_applied = goal
+        duration = time.monotonic() - ctx.t0
+        self.journal.send(
+            event,
+            message,
+            **self._fields(ctx, before, after),
+            result=result,
+            duration_ms=round(duration * 1000),
         )
-        end = _End(ApplyResult.DRY_RUN, goal, system, system, message)
-        return self._finish(ctx, state, goal, end, [], event=JournalEvent.APPLY_SUCCEEDED)
+        return ApplyOutcome(
+            apply_id=ctx.apply_id,
+            result=result,
+            before=before,
+            after=after,
+            system_before=system,
+            system_after=system,
+            started=ctx.started,
+            duration=duration,
+            message=message,
+            log_path=None,
+            target=goal,
+        )
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -875,12 +1019,20 @@ class Applier:
         log: _OutputLog,
         *,
         on_spawn: Callable[[int], None] | None = None,
+        cwd: Path | None = None,
+        killable: bool = True,
     ) -> _Run:
-        """Run ``argv`` in its own process group, streaming its output; kill its group after."""
+        """Run ``argv`` in its own process group, streaming its output; kill its group after.
+
+        Not ``killable`` (an activation): neither ``timeout`` nor a cancel stops it; past
+        ``timeout`` it is only said to be slow, and what is left of its group after it exits is
+        killed.
+        """
         run = _Run()
         try:
             proc = subprocess.Popen(
                 argv,
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -896,10 +1048,14 @@ class Applier:
             on_spawn(proc.pid)
         emitter = _Emitter(self.journal, ctx, log, run)
         try:
-            self._follow(proc, run, emitter, timeout, ctx.cancel)
+            self._follow(
+                proc, run, emitter, timeout, ctx.cancel if killable else None, killable=killable
+            )
         except BaseException:
-            # A bug or an interrupt here must not leave the rebuild running unwatched.
-            _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+            # A bug or an interrupt here must not leave the rebuild running unwatched (an
+            # activation is left to finish: killing it half-way is worse).
+            if killable:
+                _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
             raise
         run.returncode = proc.wait()
         if proc.stdout is not None:
@@ -914,6 +1070,8 @@ class Applier:
         emitter: _Emitter,
         timeout: float,
         cancel: threading.Event | None,
+        *,
+        killable: bool = True,
     ) -> None:
         """Stream ``proc``'s output until it ends, times out or is cancelled; then end its group."""
         assert proc.stdout is not None
@@ -930,11 +1088,14 @@ class Applier:
                     run.cancelled = True
                     break
                 if now >= deadline:
-                    run.timed_out = True
-                    break
+                    if killable:
+                        run.timed_out = True
+                        break
+                    run.overran, deadline = True, float("inf")
+                    emitter.slow(timeout)
                 if exited_at is not None and now - exited_at > EXIT_DRAIN:
                     break  # leftovers of the group hold the pipe; they are killed below
-                if sel.select(min(0.2, deadline - now)):
+                if sel.select(min(0.2, max(0.0, deadline - now))):
                     try:
                         chunk = os.read(fd, 65536)
                     except BlockingIOError:
@@ -949,6 +1110,8 @@ class Applier:
             emitter.line(buf)
         if run.timed_out or run.cancelled:
             _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+        elif not killable:
+            proc.wait()
         else:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
@@ -1090,6 +1253,15 @@ class _Emitter:
             self.journal_lines += 1
             if self.journal_lines <= JOURNAL_OUTPUT_LINES:
                 self.journal.send(JournalEvent.APPLY_OUTPUT, text or " ", apply_id=self.apply_id)
+
+    def slow(self, bound: float) -> None:
+        self.journal.send(
+            JournalEvent.APPLY_OUTPUT,
+            f"the activation runs for more than {_seconds(bound)}; it is not stopped (killing it "
+            "half-way would leave the system half-switched), still waiting",
+            apply_id=self.apply_id,
+            priority=Priority.WARNING,
+        )
 
     def done(self) -> None:
         if self.to_journal and self.journal_lines > JOURNAL_OUTPUT_LINES:

@@ -26,11 +26,12 @@ from runtime_modules._applier import (
     ApplyOutcome,
     ApplyResult,
 )
-from runtime_modules._errors import LockBusyError, StateError, UnknownModuleError
+from runtime_modules._errors import ConfigError, LockBusyError, StateError, UnknownModuleError
 from runtime_modules._flake import FLAKE_LOCK, FLAKE_NIX
 from runtime_modules._journal import Journal, JournalEvent
 from runtime_modules._lock import ApplyLock, process_alive
 from runtime_modules._state import InProgress, ModuleStatus, load_state, save_state
+from tests.fakes.fakesystem import make_system
 from tests.fixtures.applier import FakeSystem, Tmpfs
 from tests.fixtures.system import REPO, journal_entries
 
@@ -68,7 +69,11 @@ def test_enable_reaches_nix_and_switches(fake_system: FakeSystem) -> None:
     assert outcome.system_after == str(fake_system.current())
     assert outcome.system_after != outcome.system_before
     (start,) = fake_system.records("start")
-    assert start["argv"] == ["test", "--flake", f"path:{fake_system.settings.flake_dir}#testhost"]
+    assert start["argv"] == ["build", "--flake", f"path:{fake_system.settings.flake_dir}#testhost"]
+    assert start["cwd"] == str(fake_system.settings.state_dir / "build")  # its `result` link
+    # Phase 2 is ours: the built system's activation, run once, with `test`.
+    (switch,) = fake_system.records("switch")
+    assert (switch["system"], switch["action"]) == (outcome.system_after, "test")
     # Exactly the enabled modules' imports reached Nix, through extendModules.
     assert fake_system.current_imports() == ["gaming", "podman"]
     assert any("activating" in line for line in lines)
@@ -121,7 +126,10 @@ def test_failure_rolls_back_to_the_previous_system(fake_system: FakeSystem) -> N
     assert fake_system.current() == previous
     switches = fake_system.records("switch")
     assert switches[-1]["system"] == str(previous) and switches[-1]["action"] == "test"
-    assert outcome.message.startswith("could not enable podman: nixos-rebuild exited with status 4")
+    assert outcome.message.startswith(
+        "could not enable podman: switch-to-configuration test of "
+        f"{switches[-2]['system']} exited with status 4"
+    )
     assert f"rolled back to {previous}; full log: {outcome.log_path}" in outcome.message
     _assert_consistent(fake_system, outcome)
     state = load_state(fake_system.settings)
@@ -147,26 +155,38 @@ def test_a_broken_flake_fails_in_nix_and_rolls_back(fake_system: FakeSystem) -> 
     _assert_consistent(fake_system, outcome)
 
 
-def test_timeout_kills_the_process_group_and_rolls_back(fake_system: FakeSystem) -> None:
+def test_timeout_kills_the_build_and_touches_nothing(fake_system: FakeSystem) -> None:
     fake_system.settings = fake_system.settings.with_(apply_timeout=1.0)
     fake_system.control(mode="hang")
     start = time.monotonic()
     outcome = _applier(fake_system).apply(frozenset({"gaming"}), reason="hang")
     assert time.monotonic() - start < 8
     assert outcome.result is ApplyResult.TIMED_OUT
-    assert "nixos-rebuild timed out after 1 s and was killed" in outcome.message
+    assert "nixos-rebuild build timed out after 1 s and was killed" in outcome.message
+    assert "the running system was not touched" in outcome.message
     (hang,) = fake_system.records("hang")
     assert not process_alive(hang["child"], None)  # the rebuild's child died with it
-    assert fake_system.records("switch")[-1]["system"] == str(fake_system.initial_system)
+    assert fake_system.records("switch") == []  # the build changed nothing: nothing to undo
     _assert_consistent(fake_system, outcome)
     assert load_state(fake_system.settings).module_status("gaming").status is ModuleStatus.FAILED
 
 
-def test_sigkilled_rebuild_is_rolled_back(fake_system: FakeSystem) -> None:
-    fake_system.control(mode="sigkill")
+@pytest.mark.parametrize("phase", ["build", "activation"])
+def test_a_sigkilled_phase_fails_and_only_activation_rolls_back(
+    fake_system: FakeSystem, phase: str
+) -> None:
+    fake_system.control(**({"mode": "sigkill"} if phase == "build" else {"switch": "sigkill"}))
     outcome = _applier(fake_system).apply(frozenset({"podman"}), reason="kill")
     assert outcome.result is ApplyResult.FAILED
-    assert "nixos-rebuild was killed by signal SIGKILL" in outcome.message
+    assert "was killed by signal SIGKILL" in outcome.message
+    name = "nixos-rebuild build" if phase == "build" else "switch-to-configuration test of"
+    assert f"could not enable podman: {name}" in outcome.message
+    rollbacks = [r for r in fake_system.records("switch") if r["system"] != outcome.target]
+    systems = [r["system"] for r in fake_system.records("switch")]
+    if phase == "build":
+        assert systems == []
+    else:
+        assert systems[-1] == str(fake_system.initial_system) and len(rollbacks) >= 1
     _assert_consistent(fake_system, outcome)
 
 
@@ -206,8 +226,7 @@ def test_output_to_the_journal_is_capped(fake_system: FakeSystem) -> None:
 
 def test_rollback_failure_is_reported_and_forces_the_next_apply(fake_system: FakeSystem) -> None:
     applier = _applier(fake_system)
-    fake_system.control(mode="fail")
-    fake_system.switch_fails()
+    fake_system.switch_fails()  # the activation fails, and so does the rollback's
     outcome = applier.apply(frozenset({"gaming"}), reason="double fault")
     assert outcome.result is ApplyResult.ROLLBACK_FAILED
     assert "rolling back to" in outcome.message and "failed too" in outcome.message
@@ -221,7 +240,7 @@ def test_rollback_failure_is_reported_and_forces_the_next_apply(fake_system: Fak
     assert load_state(fake_system.settings).uncertain is None
 
 
-def test_cancel_stops_the_rebuild_and_rolls_back(fake_system: FakeSystem) -> None:
+def test_cancel_stops_the_build_and_touches_nothing(fake_system: FakeSystem) -> None:
     fake_system.control(mode="hang")
     cancel = threading.Event()
     result: list[ApplyOutcome] = []
@@ -236,8 +255,9 @@ def test_cancel_stops_the_rebuild_and_rolls_back(fake_system: FakeSystem) -> Non
     thread.join(15)
     (outcome,) = result
     assert outcome.result is ApplyResult.CANCELLED
-    assert "nixos-rebuild was stopped on request" in outcome.message
+    assert "nixos-rebuild build was stopped on request" in outcome.message
     assert not process_alive(fake_system.records("hang")[0]["child"], None)
+    assert fake_system.records("switch") == []
     _assert_consistent(fake_system, outcome)
 
 
@@ -279,18 +299,124 @@ def test_a_system_switched_by_hand_makes_the_next_apply_rebuild(fake_system: Fak
     assert fake_system.current_imports() == ["gaming"]
 
 
-def test_dry_run_writes_the_flake_and_records_but_runs_nothing(fake_system: FakeSystem) -> None:
-    outcome = _applier(fake_system, dry_run=True).apply(frozenset({"gaming"}), reason="dry")
+def test_dry_run_writes_the_flake_but_neither_runs_nor_records(fake_system: FakeSystem) -> None:
+    save_state(fake_system.settings, load_state(fake_system.settings).with_(uncertain="x"))
+    before = fake_system.settings.state_file.read_bytes()
+    dry = _applier(fake_system, dry_run=True)
+    outcome = dry.apply(frozenset({"gaming"}), reason="dry")
     assert outcome.result is ApplyResult.DRY_RUN
     assert outcome.message.startswith("dry run: would enable gaming")
     assert fake_system.records() == []
     enabled = json.loads((fake_system.settings.flake_dir / "enabled.json").read_text())
     assert enabled == {"host": "testhost", "modules": ["gaming"]}
-    state = load_state(fake_system.settings)
-    assert state.applied == {"gaming"} and state.last_apply is not None
-    assert state.last_apply.result is ApplyResult.DRY_RUN
-    again = _applier(fake_system, dry_run=True).apply(frozenset({"gaming"}), reason="dry")
+    # The state file describes the real system, which did not change.
+    assert fake_system.settings.state_file.read_bytes() == before
+    again = dry.apply(frozenset({"gaming"}), reason="dry")
     assert again.result is ApplyResult.UNCHANGED  # a daemon in dry-run mode does not loop
+    # The real apply that follows is not fooled into UNCHANGED.
+    real = _applier(fake_system).apply(frozenset({"gaming"}), reason="real")
+    assert real.result is ApplyResult.SUCCEEDED
+    assert fake_system.current_imports() == ["gaming"]
+    assert load_state(fake_system.settings).uncertain is None
+
+
+def test_dry_run_with_an_unwritable_flake_dir_says_so(fake_system: FakeSystem) -> None:
+    fake_system.settings.state_dir.mkdir(parents=True, exist_ok=True)
+    fake_system.settings.flake_dir.write_text("a file, not a folder")
+    outcome = _applier(fake_system, dry_run=True).apply(frozenset({"gaming"}), reason="dry")
+    assert outcome.result is ApplyResult.FAILED
+    assert f"cannot write the generated flake in {fake_system.settings.flake_dir}" in (
+        outcome.message
+    )
+
+
+def test_a_missing_nixos_rebuild_fails_without_a_rollback(fake_system: FakeSystem) -> None:
+    fake_system.settings = fake_system.settings.with_(nixos_rebuild=("/nonexistent/nixos-rebuild",))
+    outcome = _applier(fake_system).apply(frozenset({"gaming"}), reason="t")
+    assert outcome.result is ApplyResult.FAILED
+    assert "nixos-rebuild build could not be started" in outcome.message
+    assert "RUNTIME_MODULES_NIXOS_REBUILD" in outcome.message
+    assert "rolled back" not in outcome.message
+    assert fake_system.records("switch") == []  # the running system was not re-activated
+    _assert_consistent(fake_system, outcome)
+
+
+def test_no_current_system_stops_before_any_hook_or_journal_entry(
+    fake_system: FakeSystem,
+) -> None:
+    hook = fake_system.settings.hooks_dir / "pre-apply.d" / "10-mark"
+    hook.parent.mkdir(parents=True)
+    hook.write_text(f"#!/bin/sh\ntouch {fake_system.root / 'hook-ran'}\n")
+    hook.chmod(0o755)
+    fake_system.link.unlink()
+    with pytest.raises(ConfigError, match="does not exist"):
+        _applier(fake_system).apply(frozenset({"gaming"}), reason="t")
+    assert not (fake_system.root / "hook-ran").exists()
+    assert "applying" not in fake_system.stderr.getvalue()
+
+
+def test_cancel_during_activation_waits_for_it_and_ends_normally(fake_system: FakeSystem) -> None:
+    fake_system.control(switch="sleep:1")
+    cancel = threading.Event()
+    result: list[ApplyOutcome] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            _applier(fake_system).apply(frozenset({"gaming"}), reason="stop", cancel=cancel)
+        )
+    )
+    thread.start()
+    _wait_for(lambda: fake_system.records("switch"))
+    cancel.set()
+    thread.join(15)
+    (outcome,) = result
+    assert outcome.result is ApplyResult.SUCCEEDED
+    assert [r["system"] for r in fake_system.records("switched")] == [outcome.system_after]
+    _assert_consistent(fake_system, outcome)
+
+
+def test_an_activation_past_its_bound_is_not_killed(
+    fake_system: FakeSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("runtime_modules._applier.ACTIVATION_REPORT_AFTER", 0.3)
+    fake_system.settings = fake_system.settings.with_(apply_timeout=0.5)
+    fake_system.control(switch="sleep:1")
+    outcome = _applier(fake_system).apply(frozenset({"gaming"}), reason="slow")
+    assert outcome.result is ApplyResult.SUCCEEDED
+    assert "the activation runs for more than 0.3 s; it is not stopped" in (
+        fake_system.stderr.getvalue()
+    )
+
+
+def test_a_hand_switch_during_a_failed_activation_is_not_rolled_back(
+    fake_system: FakeSystem,
+) -> None:
+    by_hand = make_system(
+        fake_system.systems_dir,
+        imports=[],
+        record_file=fake_system.record_file,
+        link=fake_system.link,
+        control_dir=fake_system.control_file.parent,
+    )
+    fake_system.control(switch="fail-later:1")
+    result: list[ApplyOutcome] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            _applier(fake_system).apply(frozenset({"gaming"}), reason="raced")
+        )
+    )
+    thread.start()
+    _wait_for(lambda: fake_system.records("switch"))
+    # Someone's `nixos-rebuild switch` finishes while our activation runs, which then fails.
+    fake_system.link.unlink()
+    fake_system.link.symlink_to(by_hand)
+    thread.join(15)
+    (outcome,) = result
+    assert outcome.result is ApplyResult.FAILED
+    assert "switched by hand meanwhile and is not rolled back" in outcome.message
+    assert len(fake_system.records("switch")) == 1  # no rollback ran
+    assert fake_system.current() == by_hand
+    state = load_state(fake_system.settings)
+    assert state.uncertain is not None and state.applied == frozenset()
 
 
 def test_read_only_state_dir_stops_before_anything_runs(
@@ -456,11 +582,13 @@ def test_journal_entries_of_one_apply(
     assert done["RUNTIME_MODULES_SYSTEM_AFTER"] == str(fake_system.current())
     assert int(done["RUNTIME_MODULES_DURATION_MS"]) >= 0
 
-    fake_system.control(mode="fail")
+    fake_system.control(switch="fail")
     bad = applier.apply(frozenset({"gaming", "podman"}), reason="journal fail")
     ids = [e["MESSAGE_ID"] for e in journal_entries(RUNTIME_MODULES_APPLY_ID=bad.apply_id)]
     failed = ids.index(JournalEvent.APPLY_FAILED.message_id)
     assert ids.index(JournalEvent.APPLY_ROLLED_BACK.message_id) > failed
+    entries = journal_entries(RUNTIME_MODULES_APPLY_ID=bad.apply_id)
+    assert entries[failed]["RUNTIME_MODULES_PHASE"] == "activation"
     last = journal_entries(RUNTIME_MODULES_APPLY_ID=bad.apply_id)[-1]
     assert last["RUNTIME_MODULES_RESULT"] == "failed"
     assert last["RUNTIME_MODULES_AFTER"] == "gaming"

@@ -1,9 +1,11 @@
 """Fake NixOS systems for the applier tests: a folder with ``bin/switch-to-configuration``.
 
-A system's ``switch-to-configuration`` records its call (a JSON line in the record file) and makes
-its folder the current system by repointing the current-system link, as NixOS's activation does
-with /run/current-system. It fails when ``switch-fails`` exists next to the control file, which is
-how a test makes a rollback fail. Standard library only: the fake nixos-rebuild imports it too.
+A system's ``switch-to-configuration`` records its call (a JSON line in the record file) and, run
+with ``test``, makes its folder the current system by repointing the
+current-system link, as NixOS's activation does with /run/current-system. It fails when
+``switch-fails`` exists next to the control file (every system: how a test makes a rollback fail)
+or as its own ``switch-mode`` file says (one built system: see tests/fakes/nixos-rebuild).
+Standard library only: the fake nixos-rebuild imports it too.
 """
 
 from __future__ import annotations
@@ -17,13 +19,33 @@ from typing import Any
 
 _SWITCH = """#!/bin/sh
 # switch-to-configuration of a fake system (tests/fakes/fakesystem.py)
-printf '{{"event": "switch", "system": "%s", "action": "%s", "time": %s}}\\n' \\
-    {system} "$1" "$(date +%s.%N)" >> {record}
-if [ -e {fails} ]; then
+mode=$(cat {system}/switch-mode 2>/dev/null)
+printf '{{"event": "switch", "system": "%s", "action": "%s", "pid": %s, "time": %s}}\\n' \\
+    {system} "$1" "$$" "$(date +%s.%N)" >> {record}
+if [ -e {fails} ] || [ "$mode" = fail ]; then
     echo "error: the activation script of {system_text} failed (fake)"
     exit 1
 fi
-ln -sfn {system} {link}.new && mv -T {link}.new {link}
+if [ "$mode" = sigkill ]; then
+    kill -KILL $$
+fi
+case "$mode" in
+    sleep:*) sleep "${{mode#sleep:}}" ;;
+    fail-later:*)
+        sleep "${{mode#fail-later:}}"
+        echo "error: the activation script of {system_text} failed late (fake)"
+        exit 1
+        ;;
+esac
+if [ "$1" = test ]; then
+    ln -sfn {system} {link}.new && mv -T {link}.new {link}
+fi
+if [ "$mode" = fail-after-switch ]; then
+    echo "warning: error(s) occurred while switching to the new configuration"
+    exit 4
+fi
+printf '{{"event": "switched", "system": "%s", "action": "%s", "time": %s}}\\n' \\
+    {system} "$1" "$(date +%s.%N)" >> {record}
 echo "activating the configuration... done"
 """
 
@@ -40,9 +62,18 @@ def record(path: str | Path, **entry: Any) -> None:
 
 
 def make_system(
-    systems: Path, *, imports: Any, record_file: Path, link: Path, control_dir: Path
+    systems: Path,
+    *,
+    imports: Any,
+    record_file: Path,
+    link: Path,
+    control_dir: Path,
+    switch: str = "ok",
 ) -> Path:
-    """A new system folder ``systems/system-N`` holding ``imports.json``."""
+    """A new system folder ``systems/system-N`` holding ``imports.json``.
+
+    ``switch`` says how its activation ends (see tests/fakes/nixos-rebuild).
+    """
     systems.mkdir(parents=True, exist_ok=True)
     n = 0
     while True:
@@ -54,6 +85,8 @@ def make_system(
             n += 1
     (folder / "bin").mkdir()
     (folder / "imports.json").write_text(json.dumps(imports))
+    if switch != "ok":
+        (folder / "switch-mode").write_text(switch)
     switch = folder / "bin" / "switch-to-configuration"
     switch.write_text(
         _SWITCH.format(
