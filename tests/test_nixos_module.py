@@ -636,6 +636,15 @@ def test_extended_system_keeps_registry_rules_unit_and_udev(nix_eval: NixEval) -
     assert len(extended["systemPackages"]) > len(base["systemPackages"])
 
 
+def test_no_warnings_in_the_base_or_any_extended_system(nix_eval: NixEval) -> None:
+    """The stubs give NixOS's unit warnings (tests/nix/stubs.nix); a warning is printed at every
+    build, and the extended systems are built at every apply."""
+    result = nix_eval(extend='[ "lab" "office" "rt.gaming" "rt.podman" "rt.virtualization" ]')
+    assert result["base"]["warnings"] == []
+    assert result["extended"]["warnings"] == []
+    assert result["extended"]["service"] == result["base"]["service"]
+
+
 def test_extended_system_keeps_them_even_when_a_module_changes_nixpkgs(nix_eval: NixEval) -> None:
     result = nix_eval(extend='[ "lab" ]', extraExtension=f"[ {OVERLAY} ]")
     base, extended = result["base"], result["extended"]
