@@ -208,11 +208,18 @@ def test_nixos_unit_mirrors_the_file(nixos_service: dict[str, Any]) -> None:
 
 
 def render(service: dict[str, Any], exe: str) -> str:
-    """The NixOS unit as a unit file, the way NixOS writes one (lists: one line per item)."""
+    """The NixOS unit as a unit file, the way NixOS writes one (lists: one line per item), with
+    what nixpkgs' systemd-lib adds: the X-… switch keys and PATH from ``path``. The VM test
+    (nix/vm-test.nix) verifies the unit NixOS really renders."""
     lines = ["[Unit]", f"Description={service['description']}"]
     lines += [f"After={' '.join(service['after'])}", f"Wants={' '.join(service['wants'])}"]
     lines += [f"{k}={v}" for k, v in service["unitConfig"].items()]
+    lines += [f"X-ReloadIfChanged={str(service['reloadIfChanged']).lower()}"]
+    lines += [f"X-RestartIfChanged={str(service['restartIfChanged']).lower()}"]
+    lines += [f"X-Restart-Triggers={' '.join(service['restartTriggers'])}"]
     lines += ["", "[Service]"]
+    path = [f"{p}/bin" for p in service["path"]] + [f"{p}/sbin" for p in service["path"]]
+    lines += [f'Environment="PATH={":".join(path)}"']
     lines += [f'Environment="{k}={v}"' for k, v in service["environment"].items()]
     replaced = {"ExecStart": f"{exe} watch", "ExecReload": "/bin/kill -HUP $MAINPID"}
     for key, value in service["serviceConfig"].items():
