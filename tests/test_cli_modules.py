@@ -180,20 +180,27 @@ def test_flags_before_and_after_the_verb(
 def test_failures_exit_codes_and_one_line(
     cli: FakeSystem, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cli.control(mode="fail")
+    cli.control(switch="fail")  # the activation fails: rolled back
     code, out, err = run(capsys, "enable", "gaming")
     assert code == ExitCode.FAILURE and out == ""
     last = err.splitlines()[-1]
-    assert last.startswith("runtime-modules: could not enable gaming: nixos-rebuild exited")
+    assert last.startswith("runtime-modules: could not enable gaming: switch-to-configuration test")
     assert "rolled back to" in last and "full log: " in last
+
+    cli.control(mode="fail")  # the build fails: nothing to roll back
+    code, out, err = run(capsys, "enable", "gaming")
+    assert code == ExitCode.FAILURE and out == ""
+    last = err.splitlines()[-1]
+    assert last.startswith("runtime-modules: could not enable gaming: nixos-rebuild build exited")
+    assert "the running system was not touched" in last and "full log: " in last
 
     cli.control(mode="hang")
     code, _, err = run(capsys, "enable", "gaming", "--timeout", "1s")
     assert code == ExitCode.FAILURE
     assert "timed out after 1 s" in err.splitlines()[-1]
 
-    cli.control(mode="fail")
-    cli.switch_fails()
+    cli.control()
+    cli.switch_fails()  # the activation fails, and so does the rollback
     code, _, err = run(capsys, "enable", "podman")
     assert code == ExitCode.ROLLBACK_FAILED
     assert "run `runtime-modules rebuild`" in err.splitlines()[-1]
@@ -232,7 +239,9 @@ def test_dry_run(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "enable", "gaming", "--dry-run")
     assert code == ExitCode.OK and out.startswith("dry run: would enable gaming")
     assert cli.records() == []
-    assert load_state(cli.settings).module_status("gaming").status is ModuleStatus.ENABLED
+    # The state describes the real system, which a dry run leaves alone.
+    assert load_state(cli.settings).module_status("gaming").status is not ModuleStatus.ENABLED
+    assert load_state(cli.settings).applied == frozenset()
 
 
 def _cli_process(cli: FakeSystem, *argv: str, **kwargs: Any) -> subprocess.Popen[str]:

@@ -475,11 +475,11 @@ def test_a_failed_apply_exits_1_and_says_what_the_daemon_does_next(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     start_daemon()
-    fake_system.control(mode="fail")
+    fake_system.control(switch="fail")
     code, out, err = cli(capsys, "enable", "podman")
     assert code == ExitCode.FAILURE and out == ""
     last = err.splitlines()[-1]
-    assert last.startswith("runtime-modules: could not enable podman: nixos-rebuild exited")
+    assert last.startswith("runtime-modules: could not enable podman: switch-to-configuration")
     assert re.search(r"rolled back .*; the daemon tries again in 0\.\ds$", last), last
     assert applied(public_state) == frozenset()
 

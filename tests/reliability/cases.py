@@ -31,8 +31,9 @@ CASES: tuple[Case, ...] = (
     Case(
         "nixos-rebuild",
         "nixos-rebuild fails",
-        "previous set runs; state: previous set, module `failed`; one line with the log path; "
-        "journal APPLY_FAILED, APPLY_ROLLED_BACK",
+        "previous set runs (a failed build touched nothing; a failed activation is rolled back); "
+        "state: previous set, module `failed`; one line with the log path; journal APPLY_FAILED "
+        "with the phase (and APPLY_ROLLED_BACK after an activation)",
         (
             A + "test_failure_rolls_back_to_the_previous_system",
             A + "test_a_broken_flake_fails_in_nix_and_rolls_back",
@@ -43,14 +44,15 @@ CASES: tuple[Case, ...] = (
     Case(
         "nixos-rebuild",
         "nixos-rebuild hangs past the timeout",
-        "its process group killed (children too); previous set; result `timed-out`",
-        (A + "test_timeout_kills_the_process_group_and_rolls_back",),
+        "the build's process group killed (children too); previous set untouched; result "
+        "`timed-out`",
+        (A + "test_timeout_kills_the_build_and_touches_nothing",),
     ),
     Case(
         "nixos-rebuild",
         "nixos-rebuild is SIGKILLed",
-        "previous set; one line naming SIGKILL; rolled back",
-        (A + "test_sigkilled_rebuild_is_rolled_back",),
+        "previous set; one line naming SIGKILL; rolled back when it was the activation",
+        (A + "test_a_sigkilled_phase_fails_and_only_activation_rolls_back",),
     ),
     Case(
         "nixos-rebuild",
@@ -72,12 +74,13 @@ CASES: tuple[Case, ...] = (
     Case(
         "nixos-rebuild",
         "SIGTERM to the daemon during an apply",
-        "the apply finishes within the stop timeout, or is cancelled and rolled back; no "
-        "follow-up apply; state true",
+        "the apply finishes within the stop timeout, or its build is cancelled (an activation "
+        "is never cancelled: it finishes); no follow-up apply; state true",
         (
             D + "test_sigterm_during_an_apply_cancels_and_rolls_back",
             D + "test_sigterm_lets_a_short_apply_finish",
-            A + "test_cancel_stops_the_rebuild_and_rolls_back",
+            A + "test_cancel_stops_the_build_and_touches_nothing",
+            A + "test_cancel_during_activation_waits_for_it_and_ends_normally",
         ),
     ),
     # --- killed processes ------------------------------------------------------------------------
