@@ -193,6 +193,8 @@ class Daemon:
 
         self._listeners: list[Callable[[Notice], None]] = []
         self._timers: list[_Timer] = []
+        # A source whose re-enumeration failed retries it when due (level-triggered).
+        self.add_timer(self.sources.resync_due, self.sources.retry_resyncs)
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._worker = ApplyWorker(self._notify, self._finish_apply, self._applied_now)
         self._stop_deadline: float | None = None
@@ -449,7 +451,7 @@ class Daemon:
             # A message we could not translate (a kernel newer than our parser): what it said
             # is lost, so re-enumerate, as after an overrun, rather than die or drift.
             log.exception("%s: an event could not be read; re-enumerating", name)
-            changes = [source.resync()]
+            changes = source.try_resync()
         if not changes:
             return
         self.stats[f"{name}_changes"] += len(changes)

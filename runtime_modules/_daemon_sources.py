@@ -95,6 +95,17 @@ class Sources:
         else:
             world.apply(WorldReplaced(devices=None, links=()))
 
+    def resync_due(self) -> float | None:
+        """When (monotonic) a source's failed re-enumeration is to be retried, or None."""
+        dues = [s.resync_due for s in (self._udev, self._netlink) if s is not None and s.resync_due]
+        return min(dues, default=None)
+
+    def retry_resyncs(self, now: float) -> None:
+        """Hand each source whose re-enumeration is due to ``on_ready``: its read() retries."""
+        for source, name in ((self._udev, "udev"), (self._netlink, "netlink")):
+            if source is not None and source.resync_due is not None and source.resync_due <= now:
+                self._on_ready(source, name)
+
     def close(self) -> None:
         for source in (self._udev, self._netlink):
             if source is not None:

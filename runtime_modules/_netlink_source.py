@@ -51,6 +51,9 @@ DEFAULT_RCVBUF = 1 << 20
 MAX_RECVS_PER_READ = 64  # bounds one read() under a storm, so other sources get their turn
 DUMP_TIMEOUT = 5.0  # the kernel answers a link dump in microseconds; 5 s means it is stuck
 DUMP_RETRIES = 8  # a dump interrupted by concurrent changes (NLM_F_DUMP_INTR) is redone
+# After a failed re-enumeration (the storm that overran us keeps interrupting the dump), the next
+# try comes this much later: soon enough to follow the machine, late enough to let a storm pass.
+RESYNC_RETRY = 1.0
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -227,6 +230,7 @@ class NetlinkSource:
     def __init__(self, netns: str | None = None, *, receive_buffer: int = DEFAULT_RCVBUF) -> None:
         self.netns = netns
         self.resyncs = 0
+        self.resync_due: float | None = None  # monotonic: a failed re-enumeration is retried
         self.sock = _open_socket(netns, nonblocking=True)
         try:
             try:
@@ -252,7 +256,16 @@ class NetlinkSource:
         self.close()
 
     def read(self, limit: int = MAX_RECVS_PER_READ) -> list[WorldChange]:
-        """The changes ready now, or one ``WorldReplaced`` after an overrun (ENOBUFS)."""
+        """The changes ready now, or one ``WorldReplaced`` after an overrun (ENOBUFS).
+
+        While a failed re-enumeration waits for its retry (``resync_due``), what arrives is
+        dropped (the re-enumeration will see it) and nothing is returned.
+        """
+        if self.resync_due is not None:
+            if time.monotonic() < self.resync_due:
+                self._drain(limit)
+                return []
+            return self.try_resync()
         changes: list[WorldChange] = []
         for _ in range(limit):
             try:
@@ -266,9 +279,34 @@ class NetlinkSource:
                     "netlink link socket error (%s): re-enumerating links",
                     errno.errorcode.get(exc.errno or 0, exc),
                 )
-                return [self.resync()]
+                return self.try_resync()
             changes.extend(self.changes_of(data))
         return changes
+
+    def _drain(self, limit: int) -> None:
+        for _ in range(limit):
+            try:
+                self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+
+    def try_resync(self) -> list[WorldChange]:
+        """``resync``, but a failure is logged and retried at ``resync_due``, never raised.
+
+        Level-triggered: the links are re-enumerated until it works, however long that takes.
+        """
+        try:
+            replaced = self.resync()
+        # EAGAIN after DUMP_RETRIES interrupted dumps, TimeoutError; ConfigError: the namespace
+        # is gone for now (deleted, about to be made again by whoever manages it).
+        except (OSError, ConfigError) as exc:
+            self.resync_due = time.monotonic() + RESYNC_RETRY
+            log.warning("re-enumerating links failed (%s); retrying in %g s", exc, RESYNC_RETRY)
+            return []
+        self.resync_due = None
+        return [replaced]
 
     def changes_of(self, data: bytes) -> Iterator[WorldChange]:
         for kind, _flags, _seq, payload in messages(data):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 # Events drained per read() before the loop gets control back: bounds the latency a storm can add
 # to other sources (netlink, signals) while keeping per-wakeup overhead negligible.
 MAX_EVENTS_PER_READ = 512
+# After a failed re-enumeration, the next try comes this much later (as for netlink links).
+RESYNC_RETRY = 1.0
 
 
 class DeviceNeeds(Protocol):
@@ -205,6 +208,7 @@ class UdevSource:
         self.needs = needs
         self.attributes: frozenset[str] = frozenset() if needs is None else needs.attributes
         self.resyncs = 0
+        self.resync_due: float | None = None  # monotonic: a failed re-enumeration is retried
         # Ancestors already handed out (and not removed since): a storm of events on one device
         # must not re-read its PCI bridges every time. An ancestor's own changes reach us as its
         # own events: the rules' Needs subscribe every subsystem a parent condition names (all
@@ -234,7 +238,21 @@ class UdevSource:
         return self.monitor._receive_device()
 
     def read(self, limit: int = MAX_EVENTS_PER_READ) -> list[WorldChange]:
-        """The changes ready now (at most ``limit`` events), or a re-enumeration after an error."""
+        """The changes ready now (at most ``limit`` events), or a re-enumeration after an error.
+
+        While a failed re-enumeration waits for its retry (``resync_due``), what arrives is
+        dropped (the re-enumeration will see it) and nothing is returned.
+        """
+        if self.resync_due is not None:
+            if time.monotonic() < self.resync_due:
+                for _ in range(limit):
+                    try:
+                        if self._receive() is None:
+                            break
+                    except OSError:
+                        continue
+                return []
+            return self.try_resync()
         changes: list[WorldChange] = []
         for _ in range(limit):
             try:
@@ -244,7 +262,7 @@ class UdevSource:
                     "udev monitor error (%s): re-enumerating devices",
                     errno.errorcode.get(exc.errno or 0, exc),
                 )
-                return [self.resync()]
+                return self.try_resync()
             if dev is None:
                 break
             changes.extend(self.changes_of(dev))
@@ -262,6 +280,17 @@ class UdevSource:
             except OSError:
                 continue
         return WorldReplaced(devices=tuple(enumerate_devices(self.context, self.needs)), links=None)
+
+    def try_resync(self) -> list[WorldChange]:
+        """``resync``, but a failure is logged and retried at ``resync_due``, never raised."""
+        try:
+            replaced = self.resync()
+        except OSError as exc:
+            self.resync_due = time.monotonic() + RESYNC_RETRY
+            log.warning("re-enumerating devices failed (%s); retrying in %g s", exc, RESYNC_RETRY)
+            return []
+        self.resync_due = None
+        return [replaced]
 
     def changes_of(self, dev: Any) -> list[WorldChange]:
         """The world changes one monitor event means (level-triggered, ancestors included)."""

@@ -152,3 +152,25 @@ def test_our_decoder_agrees_with_pyroute2(netns: str) -> None:
     ours = {link.index: link for link in enumerate_links(netns)}
     assert ours == theirs
     assert {link.kind for link in ours.values()} == {None, "bridge", "veth"}
+
+
+def test_a_failed_re_enumeration_is_retried_not_raised(netns: str) -> None:
+    with NetlinkSource(netns, receive_buffer=1) as source:
+        ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        for _ in range(10):
+            ip_netns(netns, "link", "set", "va", "up")
+            ip_netns(netns, "link", "set", "va", "down")
+        # The namespace goes away by name (our socket keeps it alive): the dump cannot be made.
+        subprocess.run(["ip", "netns", "del", netns], check=True)
+        try:
+            assert source.read() == []
+            assert source.resync_due is not None
+            assert source.read() == []  # before the retry is due: nothing, and no busy loop
+            subprocess.run(["ip", "netns", "add", netns], check=True)
+            source.resync_due = time.monotonic()  # the daemon's timer calls read() when due
+            changes = source.read()
+        finally:
+            subprocess.run(["ip", "netns", "add", netns], check=False, capture_output=True)
+        assert source.resync_due is None
+        assert len(changes) == 1 and isinstance(changes[0], WorldReplaced)
+        assert {link.ifname for link in changes[0].links or ()} == {"lo"}
