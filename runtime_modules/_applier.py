@@ -460,6 +460,7 @@ class Applier:
                 base_url=self.registry.flake,
                 host=self.registry.host,
                 modules=goal,
+                registry=self.settings.registry,
             )
         except (OSError, ConfigError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
@@ -845,6 +846,7 @@ class Applier:
                 base_url=self.registry.flake,
                 host=self.registry.host,
                 modules=goal,
+                registry=self.settings.registry,
             )
         except (OSError, ConfigError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)

@@ -210,8 +210,15 @@ def describe(c: Condition) -> str:
         return " and ".join(f"{k}={v}" for k, v in _link_keys(c))
     if isinstance(c, Not):
         return f"not ({describe(c.item)})"
-    word = " and " if isinstance(c, AllOf) else " or "
-    return "(" + word.join(describe(i) for i in c.items) + ")"
+    if isinstance(c, AllOf):
+        return "(" + " and ".join(describe(i) for i in c.items) + ")"
+    # Inside "or", a conjunction of keys gets its own parentheses: "(a and b) or c", not "a and b
+    # or c", which reads either way.
+    return "(" + " or ".join(_grouped(describe(i)) for i in c.items) + ")"
+
+
+def _grouped(text: str) -> str:
+    return f"({text})" if " and " in text and not text.startswith("(") else text
 
 
 def _link_keys(c: LinkCondition) -> list[tuple[str, str]]:

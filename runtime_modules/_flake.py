@@ -57,23 +57,26 @@ _TEMPLATE = """\
 """
 
 
-def base_url_literal(url: str) -> str:
+def base_url_literal(url: str, registry: str = "the registry") -> str:
     """The base flake reference as a Nix string literal; refuses anything Nix could read as code."""
     if not FLAKE_REF.fullmatch(url) or "${" in url:
         raise ConfigError(
             f"base flake reference {url!r} contains characters a flake reference cannot have; "
-            "fix `flake` in the registry (services.runtimeModules.flake / flakeUrl)"
+            f"fix `flake` in {registry} (services.runtimeModules.flake / flakeUrl)"
         )
     return json.dumps(url)
 
 
-def render_flake(base_url: str) -> str:
-    return _TEMPLATE.replace(_URL_MARK, base_url_literal(base_url))
+def render_flake(base_url: str, registry: str = "the registry") -> str:
+    return _TEMPLATE.replace(_URL_MARK, base_url_literal(base_url, registry))
 
 
-def render_enabled(host: str, modules: Iterable[str]) -> str:
+def render_enabled(host: str, modules: Iterable[str], registry: str = "the registry") -> str:
     if not HOST_NAME.fullmatch(host):
-        raise ConfigError(f"host {host!r} is not a nixosConfigurations name; fix the registry")
+        raise ConfigError(
+            f"host {host!r} is not a nixosConfigurations name; fix `host` in {registry} "
+            "(services.runtimeModules.host)"
+        )
     return json.dumps({"host": host, "modules": sorted(set(modules))}, ensure_ascii=False) + "\n"
 
 
@@ -86,12 +89,23 @@ def flake_ref(flake_dir: Path, host: str) -> str:
     return f"path:{flake_dir}#{host}"
 
 
-def write_flake(flake_dir: Path, *, base_url: str, host: str, modules: Iterable[str]) -> bool:
-    """Write flake.nix and enabled.json; True when the base changed and the lock was dropped."""
+def write_flake(
+    flake_dir: Path,
+    *,
+    base_url: str,
+    host: str,
+    modules: Iterable[str],
+    registry: Path | None = None,
+) -> bool:
+    """Write flake.nix and enabled.json; True when the base changed and the lock was dropped.
+
+    ``registry``: the file the base and host come from, named in errors.
+    """
     from ._state import write_atomically
 
-    flake_text = render_flake(base_url).encode()
-    enabled_text = render_enabled(host, modules).encode()
+    source = f"the registry {registry}" if registry is not None else "the registry"
+    flake_text = render_flake(base_url, source).encode()
+    enabled_text = render_enabled(host, modules, source).encode()
     flake_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     flake_path = flake_dir / FLAKE_NIX
     try:

@@ -121,7 +121,8 @@ def test_describe_and_long_values_are_cut() -> None:
         '[[rule.when.any]]\nlink = { kind = "wireguard" }\n',
         "r.toml",
     )
-    assert describe(rules.rules[0].when) == "(attribute boot_vga=0 and tag seat or kind=wireguard)"
+    text = describe(rules.rules[0].when)
+    assert text == "((attribute boot_vga=0 and tag seat) or kind=wireguard)"
     world = World.of(
         [Device(devpath="/devices/x", attributes={"boot_vga": "1" * 500}, tags=frozenset({"seat"}))]
     )

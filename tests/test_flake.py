@@ -191,3 +191,11 @@ def test_extend_modules_of_a_real_module_system(
     write_flake(flake_dir, base_url=f"path:{base}", host=HOST, modules=["gaming", "virtualization"])
     assert _eval(nix, flake_dir, "enabledModules") == {"gaming": True, "virtualization": True}
     assert _eval(nix, flake_dir, "base.hostName") == HOST
+
+
+def test_errors_name_the_registry_file(tmp_path: Path) -> None:
+    registry = tmp_path / "modules.json"
+    with pytest.raises(ConfigError, match=f"fix `flake` in the registry {registry}"):
+        write_flake(tmp_path, base_url="path:/x y", host=HOST, modules=[], registry=registry)
+    with pytest.raises(ConfigError, match=f"fix `host` in the registry {registry}"):
+        write_flake(tmp_path, base_url="path:/x", host="a b", modules=[], registry=registry)
