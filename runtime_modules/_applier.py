@@ -48,7 +48,8 @@ from ._errors import ConfigError, StateError
 from ._flake import flake_ref, write_flake
 from ._hooks import HookPhase, HookResult, run_hooks
 from ._journal import Journal, JournalEvent, Priority
-from ._lock import ApplyLock, group_alive, process_alive, process_start_time, read_holder
+from ._lock import ApplyLock, read_holder
+from ._process import group_alive, kill_group, process_alive, process_start_time
 from ._registry import Registry
 from ._settings import Settings
 from ._state import (
@@ -911,7 +912,7 @@ class Applier:
             f"nixos-rebuild (process group {pgid}) before rolling back",
             apply_id=ip.apply_id,
         )
-        _kill_group(pgid, wait=TERM_GRACE)
+        kill_group(pgid, wait=TERM_GRACE)
 
     def _recover_locked(self, state: State, lock: ApplyLock) -> ApplyOutcome:
         ip = state.in_progress
@@ -1057,7 +1058,7 @@ class Applier:
             # A bug or an interrupt here must not leave the rebuild running unwatched (an
             # activation is left to finish: killing it half-way is worse).
             if killable:
-                _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+                kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
             raise
         run.returncode = proc.wait()
         if proc.stdout is not None:
@@ -1111,7 +1112,7 @@ class Applier:
         if buf:
             emitter.line(buf)
         if run.timed_out or run.cancelled:
-            _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+            kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
         elif not killable:
             proc.wait()
         else:
@@ -1119,8 +1120,8 @@ class Applier:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 run.timed_out = True
-                _kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
-        _kill_group(proc.pid, wait=0)  # whatever of its group is still left
+                kill_group(proc.pid, wait=TERM_GRACE, term_first=True, leader=proc)
+        kill_group(proc.pid, wait=0)  # whatever of its group is still left
 
     # -- small parts ----------------------------------------------------------------------------
 
@@ -1273,35 +1274,6 @@ class _Emitter:
                 f"the journal; {self.log.where()}]",
                 apply_id=self.apply_id,
             )
-
-
-def _kill_group(
-    pgid: int,
-    *,
-    wait: float,
-    term_first: bool = False,
-    leader: subprocess.Popen[bytes] | None = None,
-) -> None:
-    """Kill process group ``pgid`` (SIGTERM, then SIGKILL after ``wait`` s) and wait it out.
-
-    ``leader`` is reaped while waiting: our own child would otherwise linger as a zombie and
-    keep the group alive in the kernel's eyes.
-    """
-    sig = signal.SIGTERM if term_first else signal.SIGKILL
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if leader is not None:
-            leader.poll()
-        if not group_alive(pgid):
-            return
-        time.sleep(0.02)
-    if group_alive(pgid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
 
 
 def _command() -> str:

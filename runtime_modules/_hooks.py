@@ -19,11 +19,9 @@ executable is skipped with a warning, since it is most likely a forgotten ``chmo
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._journal import Journal, JournalEvent
+from ._process import kill_group
 
 # What of a hook's output is kept for the journal and the veto message: its last lines matter.
 OUTPUT_TAIL_BYTES = 16 * 1024
@@ -110,11 +109,6 @@ def find_hooks(hooks_dir: Path, phase: HookPhase, journal: Journal | None = None
     return found
 
 
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
 def run_hook(
     path: Path, payload: bytes, env: Mapping[str, str], timeout: float, cwd: Path
 ) -> HookResult:
@@ -145,7 +139,7 @@ def run_hook(
         except subprocess.TimeoutExpired:
             timed_out = True
             returncode = None
-        _kill_group(proc.pid)  # its children too: a hook's leftovers must not outlive it
+        kill_group(proc.pid)  # its children too: a hook's leftovers must not outlive it
         if timed_out:
             proc.wait()
         duration = time.monotonic() - start

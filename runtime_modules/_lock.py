@@ -45,62 +45,6 @@ class LockHolder:
         return f"pid {self.pid} ({self.command}), apply {self.apply_id}, since {when}"
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot, or None when it does not exist.
-
-    Pids are reused; a pid together with its start time names one process (proc(5), field 22).
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may contain spaces or ")".
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def process_alive(pid: int, start_time: int | None) -> bool:
-    """True when the process ``pid`` that started at ``start_time`` still runs (not a zombie)."""
-    now = process_start_time(pid)
-    if now is None or (start_time is not None and now != start_time):
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def group_alive(pgid: int) -> bool:
-    """True when a process (not a zombie) is left in process group ``pgid``.
-
-    Zombies count as members for the kernel until their parent reaps them; an orphan's parent
-    is init, which may take a while (a container's init reaps about once a second), and a
-    zombie holds no descriptor (no lock) and runs nothing.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[-1].split()
-        except OSError:
-            continue
-        # After the command name: state (field 3), ppid (4), pgrp (5); proc(5).
-        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
-            return True
-    return False
-
-
 def read_holder(path: Path) -> LockHolder | None:
     """Who wrote into the lock file last (meaningful only while the lock is held)."""
     try:

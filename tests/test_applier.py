@@ -29,7 +29,8 @@ from runtime_modules._applier import (
 from runtime_modules._errors import ConfigError, LockBusyError, StateError, UnknownModuleError
 from runtime_modules._flake import FLAKE_LOCK, FLAKE_NIX
 from runtime_modules._journal import Journal, JournalEvent
-from runtime_modules._lock import ApplyLock, process_alive
+from runtime_modules._lock import ApplyLock
+from runtime_modules._process import process_alive
 from runtime_modules._state import InProgress, ModuleStatus, load_state, save_state
 from tests.fakes.fakesystem import make_system
 from tests.fixtures.applier import FakeSystem, Tmpfs

@@ -13,7 +13,7 @@ import pytest
 from runtime_modules._applier import Applier, ApplyResult
 from runtime_modules._hooks import HookPhase, find_hooks, run_hooks
 from runtime_modules._journal import Journal
-from runtime_modules._lock import process_alive
+from runtime_modules._process import process_alive
 from runtime_modules._state import load_state
 from tests.fixtures.applier import FakeSystem
 

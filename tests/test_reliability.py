@@ -37,7 +37,7 @@ from runtime_modules._daemon import ApplyDone, Daemon, Notice
 from runtime_modules._errors import RegistryError, RuleError
 from runtime_modules._flake import FLAKE_NIX
 from runtime_modules._journal import Journal, JournalEvent
-from runtime_modules._lock import process_alive
+from runtime_modules._process import process_alive
 from runtime_modules._reconciler import Reconciler
 from runtime_modules._reconciler_events import StartApply
 from runtime_modules._registry import Registry
