@@ -60,6 +60,7 @@ from ._reconciler_events import (
 )
 from ._rules import RuleSet
 from ._world import (
+    EVENT_ONLY_PROPERTIES,
     Device,
     DeviceMoved,
     DeviceRemoved,
@@ -279,7 +280,6 @@ _IP_ADDRESS = re.compile(r"^\s+link/\S+(?: (?P<mac>[0-9a-fA-F]{2}(?::[0-9a-fA-F]
 _NOT_KINDS = frozenset(
     {"addrgenmode", "numtxqueues", "altname", "alias", "vf", "prop", "link-netnsid", "link-netns"}
 )
-_EVENT_ONLY = frozenset({"ACTION", "SEQNUM", "DEVPATH_OLD", "SYNTH_UUID"})
 
 
 def _udev_change(
@@ -293,7 +293,7 @@ def _udev_change(
         subsystem=props.get("SUBSYSTEM", subsystem) or None,
         devtype=props.get("DEVTYPE"),
         driver=props.get("DRIVER"),
-        properties={k: v for k, v in props.items() if k not in _EVENT_ONLY},
+        properties={k: v for k, v in props.items() if k not in EVENT_ONLY_PROPERTIES},
         tags=tags,
     )
     old = props.get("DEVPATH_OLD")

@@ -21,7 +21,15 @@ from typing import Any, Protocol
 import pyudev
 from pyudev._util import udev_list_iterate
 
-from ._world import Device, DeviceMoved, DeviceRemoved, DeviceUpsert, WorldChange, WorldReplaced
+from ._world import (
+    EVENT_ONLY_PROPERTIES,
+    Device,
+    DeviceMoved,
+    DeviceRemoved,
+    DeviceUpsert,
+    WorldChange,
+    WorldReplaced,
+)
 
 __all__ = [
     "DeviceNeeds",
@@ -52,11 +60,6 @@ class DeviceNeeds(Protocol):
 
     @property
     def attributes(self) -> frozenset[str]: ...
-
-
-# Keys that describe one event, not the device: without them an event's device equals the same
-# device enumerated, so a resync or a restart sees no spurious change.
-EVENT_ONLY_PROPERTIES = frozenset({"ACTION", "SEQNUM", "DEVPATH_OLD", "SYNTH_UUID"})
 
 
 def _text(raw: bytes | str | None) -> str:

@@ -122,13 +122,9 @@ class WorldReplaced:
 WorldChange = DeviceUpsert | DeviceRemoved | DeviceMoved | LinkUpsert | LinkRemoved | WorldReplaced
 
 
-def is_ancestor_path(ancestor: str, devpath: str) -> bool:
-    """True when ``ancestor`` is a strict path-prefix of ``devpath`` ("/a/b" of "/a/b/c")."""
-    return (
-        len(devpath) > len(ancestor)
-        and devpath.startswith(ancestor)
-        and (devpath[len(ancestor)] == "/")
-    )
+# Keys that describe one uevent, not the device: without them an event's device equals the same
+# device enumerated, so a resync, a restart or a replayed capture sees no spurious change.
+EVENT_ONLY_PROPERTIES = frozenset({"ACTION", "SEQNUM", "DEVPATH_OLD", "SYNTH_UUID"})
 
 
 class World:

@@ -475,3 +475,11 @@ def test_an_empty_file_is_an_error_so_a_reload_mid_write_keeps_the_rules(
     assert str(err.value).startswith(f"{tmp_path / 'a.toml'}: the file is empty")
     (tmp_path / "a.toml").write_text("rule = []\n")
     assert load_rules([tmp_path]).rules == ()
+
+
+def test_needs_that_differ_only_in_tags_are_equal() -> None:
+    """No source filters on tags: a tag-only rule edit must not make the daemon reopen them."""
+    a = parse_rules(rule('[rule.when.device]\nsubsystem = "pci"\ntags = ["seat"]'), "a.toml")
+    b = parse_rules(rule('[rule.when.device]\nsubsystem = "pci"\ntags = ["uaccess"]'), "b.toml")
+    assert a.needs().tags != b.needs().tags
+    assert a.needs() == b.needs()
