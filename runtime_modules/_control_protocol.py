@@ -352,7 +352,9 @@ def parse_request(line: bytes) -> Request | ErrorResponse:
             "restart the daemon after an upgrade)",
         )
     op = data.get("op")
-    if op not in ALL_OPS:
+    # isinstance first: `[] in ALL_OPS` raises TypeError (a list is unhashable), and any local
+    # user may send this line.
+    if not isinstance(op, str) or op not in ALL_OPS:
         return error(
             ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; one of: {', '.join(sorted(ALL_OPS))}"
         )

@@ -426,10 +426,16 @@ class ControlServer:
     def _on_client(self, client: _Client, mask: int) -> None:
         if client.closed:
             return
-        if mask & selectors.EVENT_WRITE:
-            self._flush(client)
-        if not client.closed and mask & selectors.EVENT_READ:
-            self._read(client)
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._flush(client)
+            if not client.closed and mask & selectors.EVENT_READ:
+                self._read(client)
+        except Exception:
+            # A bug reached by one client's bytes must cost that client, never the daemon's
+            # loop (any local user may connect).
+            log.exception("control client pid %d dropped: serving it failed", client.peer.pid)
+            self._drop(client)
 
     def _read(self, client: _Client) -> None:
         try:

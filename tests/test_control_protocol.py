@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,6 +51,27 @@ def test_every_apply_result_has_an_exit_code() -> None:
 def test_request_parser_never_raises(line: bytes) -> None:
     parsed = parse_request(line)  # raising would fail the test
     assert isinstance(parsed, ErrorResponse) or parsed.v == 1
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    op=_JSON | st.sampled_from(["status", "enable", "events", "rebuild"]),
+    rest=st.dictionaries(
+        st.sampled_from(["modules", "until", "wait", "persist", "reason", "x"]), _JSON
+    ),
+)
+def test_request_parser_never_raises_on_objects(op: object, rest: dict[str, object]) -> None:
+    # The random bytes above almost never form {"v": 1, "op": <not a string>}: these do.
+    line = json.dumps({"v": 1, "op": op, **rest}, allow_nan=True).encode()
+    parsed = parse_request(line)
+    assert isinstance(parsed, ErrorResponse) or parsed.op == op
 
 
 def test_a_request_survives_the_wire() -> None:

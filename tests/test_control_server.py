@@ -100,6 +100,8 @@ def test_handler_errors_become_answers(running: Running) -> None:
         (b'{"op": "status"}\n', "unsupported-version", "is not supported"),
         (b'{"v": 2, "op": "status"}\n', "unsupported-version", "restart the daemon"),
         (b'{"v": 1, "op": "format-disk"}\n', "unknown-op", "one of: auto, disable"),
+        (b'{"v": 1, "op": []}\n', "unknown-op", "unknown op []"),  # unhashable: no crash
+        (b'{"v": 1, "op": {"a": 1}}\n', "unknown-op", "one of: auto, disable"),
         (b'{"v": 1, "op": "enable"}\n', "invalid", "enable: modules: Field required"),
         (b'{"v": 1, "op": "enable", "modules": ["a\\"${x}"]}\n', "invalid", "modules.0"),
         (b'{"v": 1, "op": "enable", "modules": []}\n', "invalid", "at least 1 item"),
@@ -117,6 +119,23 @@ def test_bad_requests_get_an_error_and_a_close(
     assert answers[0]["type"] == "error" and answers[0]["code"] == code
     assert message in answers[0]["message"]
     assert status_works(running)
+
+
+def test_a_bug_reached_by_one_client_drops_only_that_client(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stands in for any bug the next unchecked input finds (no real input does it now).
+    import runtime_modules._control_server as server_module
+
+    def broken(line: bytes) -> object:
+        raise TypeError("a bug in parsing")
+
+    monkeypatch.setattr(server_module, "parse_request", broken)
+    s = running.raw()
+    s.sendall(b'{"v": 1, "op": "status"}\n')
+    assert read_answers(s) == []  # dropped without an answer
+    monkeypatch.undo()
+    assert status_works(running)  # and the loop still serves (the fixture checks it never died)
 
 
 def test_oversized_line_is_refused(running: Running) -> None:
