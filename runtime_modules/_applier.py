@@ -372,7 +372,7 @@ class Applier:
             while_waiting=self._free_orphaned_lock,
         )
         try:
-            state = load_state(self.settings, journal=self.journal)
+            state = load_state(self.settings, journal=self.journal, locked=True)
             if state.in_progress is None:  # another process recovered it while we waited
                 return None
             return self._recover_locked(state, lock)
@@ -382,10 +382,11 @@ class Applier:
     # -- the apply ------------------------------------------------------------------------------
 
     def _apply_locked(self, ctx: _Context, target: Target) -> ApplyOutcome:
-        state = load_state(self.settings, journal=self.journal)
+        # A dry run holds the lock too, yet must not write the state, not even a recovery.
+        state = load_state(self.settings, journal=self.journal, locked=not self.dry_run)
         if state.in_progress is not None and not self.dry_run:
             self._recover_locked(state, ctx.lock)
-            state = load_state(self.settings, journal=self.journal)
+            state = load_state(self.settings, journal=self.journal, locked=True)
         stale = state.uncertain or drift(self.settings, state)
         if self.dry_run and self.dry_applied is not None:
             state, stale = state.with_(applied=self.dry_applied), None
@@ -757,7 +758,7 @@ class Applier:
         self.journal.send(
             JournalEvent.STATE_WRITE_FAILED, str(exc), apply_id=ctx.apply_id, result=result
         )
-        state = load_state(self.settings, journal=self.journal)
+        state = load_state(self.settings, journal=self.journal, locked=True)
         before = state.applied
         if result is not ApplyResult.SUCCEEDED or system_before is None:
             return result, before, f"{message}; and the state could not be recorded: {exc}"

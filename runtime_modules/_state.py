@@ -173,8 +173,14 @@ def parse_state(data: bytes) -> State:
     return state.with_(modules=MappingProxyType(dict(state.modules)))
 
 
-def load_state(settings: Settings, *, journal: Journal | None = None) -> State:
+def load_state(
+    settings: Settings, *, journal: Journal | None = None, locked: bool = False
+) -> State:
     """The state in ``settings.state_file``; never raises for a bad file (see module docstring).
+
+    A bad file is replaced (and kept aside) only under the apply lock: ``locked`` says the caller
+    holds it; otherwise it is taken for the write if free, and the file is left for the apply
+    that holds it when not (a `status` must not write beside a running apply).
 
     Raises StateError only when the file exists but cannot be read at all (an I/O error).
     """
@@ -193,11 +199,14 @@ def load_state(settings: Settings, *, journal: Journal | None = None) -> State:
     try:
         return parse_state(data)
     except ValueError as exc:
-        return _recover(settings, data, str(exc), journal)
+        return _recover(settings, data, str(exc), journal, locked=locked)
 
 
-def _recover(settings: Settings, data: bytes, problem: str, journal: Journal | None) -> State:
+def _recover(
+    settings: Settings, data: bytes, problem: str, journal: Journal | None, *, locked: bool
+) -> State:
     from ._journal import Journal, JournalEvent
+    from ._lock import ApplyLock
 
     path = settings.state_file
     aside = path.with_name(path.name + ".corrupt")
@@ -207,7 +216,10 @@ def _recover(settings: Settings, data: bytes, problem: str, journal: Journal | N
             "until the next apply, which rebuilds"
         )
     )
+    lock = ApplyLock(settings.lock_file)
     try:
+        if not locked and not lock.try_acquire():
+            raise StateError("an apply holds the lock; it recovers the file")
         # Copy aside, then write over the bad file: a failed write leaves the bad file in place,
         # so the next load recovers again and the "uncertain" mark is never lost.
         with contextlib.suppress(FileNotFoundError):
@@ -221,6 +233,8 @@ def _recover(settings: Settings, data: bytes, problem: str, journal: Journal | N
     except (OSError, StateError, PermissionDeniedError) as exc:
         # A caller without write access (a user's `status`) only reports; root will recover.
         kept = f"left in place ({exc})"
+    finally:
+        lock.release()
     (journal or Journal()).send(
         JournalEvent.STATE_RECOVERED,
         f"{path}: {problem}; starting from an empty state marked uncertain (the bad file is "

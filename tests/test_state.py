@@ -196,3 +196,23 @@ def test_recovery_whose_write_fails_keeps_the_bad_file_and_the_uncertain_mark(
     # The bad file is still there, so the next load recovers again: still uncertain.
     assert settings.state_file.read_bytes() == b"{garbage"
     assert load_state(settings, journal=_journal(tmp_path, io.StringIO())).uncertain is not None
+
+
+def test_recovery_writes_only_under_the_apply_lock(tmp_path: Path) -> None:
+    from runtime_modules._lock import ApplyLock
+
+    settings = _settings(tmp_path / "state")
+    settings.state_dir.mkdir()
+    settings.state_file.write_bytes(b"{garbage")
+    lock = ApplyLock(settings.lock_file)
+    assert lock.acquire(apply_id="a", command="an apply")
+    try:
+        err = io.StringIO()
+        assert load_state(settings, journal=_journal(tmp_path, err)).uncertain is not None
+        assert "left in place (an apply holds the lock" in err.getvalue()
+        assert settings.state_file.read_bytes() == b"{garbage"  # the apply will recover it
+        # The holder itself recovers it.
+        assert load_state(settings, journal=_journal(tmp_path, err), locked=True).uncertain
+        assert settings.state_file.read_bytes() != b"{garbage"
+    finally:
+        lock.release()
