@@ -862,6 +862,13 @@ def _parse(
         except ValidationError as exc:
             problems.extend(_problems_from(exc, raw, index, source))
             continue
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # What a validator did not foresee is still a problem of this rule, not a crash:
+            # a daemon reloading on SIGHUP must keep its rules and say why.
+            rule = raw.get("name") if isinstance(raw, dict) else None
+            name = rule if isinstance(rule, str) and RULE_NAME.fullmatch(rule) else f"#{index + 1}"
+            problems.append(RuleProblem(source, name, None, f"cannot be read: {exc}"))
+            continue
         rules.append(
             Rule(
                 name=m.name,
