@@ -199,6 +199,20 @@ class ControlHandler:
         inputs: list[Input] = [changed] if changed.overrides else []
         return [*inputs, paused] if paused.paused else inputs
 
+    def reload_pins(self) -> list[Input]:
+        """After a registry reload: the stored pins again, filtered by the new registry."""
+        assert self.daemon.registry is not None
+        try:
+            view = self.store.load(self.wall(), known=self.daemon.registry.names)
+        except RuntimeModulesError as exc:
+            self.daemon.warn(f"overrides not reloaded: {exc}")
+            view = self.view
+        if view.paused and view.paused_modules is None:
+            view = replace(view, paused_modules=self.view.paused_modules)
+        self.view = view
+        changed, _ = self._inputs(view)
+        return [changed]
+
     def _inputs(self, view: Overrides) -> tuple[OverridesChanged, Paused]:
         wall, mono = self.wall(), self.daemon.clock()
         self._offset = wall - mono

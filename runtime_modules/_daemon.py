@@ -562,21 +562,24 @@ class Daemon:
                 self.stop()
 
     def reload(self) -> bool:
-        """SIGHUP: new registry and rules, or the last good ones kept; True when reloaded."""
-        if self.pipeline is None:
+        """SIGHUP: new registry and rules, or the last good ones kept; True when reloaded.
+
+        Ignored while stopping (the sources are closed; nothing would use new rules).
+        """
+        if self.pipeline is None or self.stopping:
             return False
+        fresh: World | None = None
         try:
             registry = load_registry(self.settings.registry)
             rules = self._load(registry)
+            needs = rules.needs()
+            if needs != self.sources.needs:
+                # New monitors beside the old ones, swapped in only when they work: a failure
+                # here keeps the old rules *and* the old monitors (the daemon is never deaf).
+                fresh = World()
+                self.sources.open(needs, fresh)
         except RuntimeModulesError as exc:
-            problems = exc.problems if isinstance(exc, RuleError) else []
-            self.journal.send(
-                JournalEvent.RULES_REJECTED,
-                f"new rules rejected, keeping the {len(self.rules.rules)} loaded ones: {exc}",
-                errors=len(problems) or 1,
-                details=str(exc),
-            )
-            self.log.echo(f"rules rejected, the loaded ones stay: {exc}")
+            self._reject(exc)
             return False
         self.registry = registry
         if self._worker.apply_id is None:
@@ -585,14 +588,17 @@ class Daemon:
         else:
             self._pending_registry = registry
         now = self.clock()
-        needs = rules.needs()
-        if needs != self.sources.needs:
-            fresh = World()
-            self.sources.open(needs, fresh)
+        if fresh is not None:
             self.pipeline.world.apply(
                 WorldReplaced(tuple(fresh.devices.values()), tuple(fresh.links.values()))
             )
         actions = self.pipeline.reload(rules, now)
+        if self.control is not None:
+            # The pins again, against the new registry: one on a module it dropped would make
+            # every apply fail; a stored one on a module it added now counts. After the rules,
+            # so that the (urgent) pin change is decided with them.
+            for event in self.control.reload_pins():
+                actions = [*actions, *self.reconciler.handle(event, now)]
         self.journal.send(
             JournalEvent.RULES_RELOADED,
             f"rules reloaded: {len(rules.rules)} rules from {len(rules.sources)} files",
@@ -601,6 +607,16 @@ class Daemon:
         self.log.echo(f"rules reloaded: {len(rules.rules)} rules")
         self._execute(actions, now)
         return True
+
+    def _reject(self, exc: RuntimeModulesError) -> None:
+        problems = exc.problems if isinstance(exc, RuleError) else []
+        self.journal.send(
+            JournalEvent.RULES_REJECTED,
+            f"new rules rejected, keeping the {len(self.rules.rules)} loaded ones: {exc}",
+            errors=len(problems) or 1,
+            details=str(exc),
+        )
+        self.log.echo(f"rules rejected, the loaded ones stay: {exc}")
 
     def stop(self) -> None:
         """SIGTERM: stop listening; let an apply in flight finish or cancel it; then exit."""

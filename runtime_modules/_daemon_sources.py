@@ -3,7 +3,8 @@
 Opened before the enumeration, so that nothing happening during it is lost (what the monitors
 queue meanwhile is applied after it: changes are idempotent). Only what the rules need is
 listened to (``RuleSet.needs``): link rules alone cost no udev monitor, device rules alone no
-netlink socket. A reload whose rules need something else reopens them (and re-enumerates).
+netlink socket. A reload whose rules need something else opens new ones (and re-enumerates),
+and swaps them in only when that worked.
 """
 
 from __future__ import annotations
@@ -49,38 +50,53 @@ class Sources:
         self._netlink: Any = None
 
     def open(self, needs: Needs, world: World) -> None:
-        """Open the monitors ``needs`` asks for, then enumerate into ``world``.
+        """Open the monitors ``needs`` asks for, enumerate into ``world``, then swap them in.
+
+        The new monitors are opened beside the old ones, which are closed only once the new
+        ones work: a reload that fails leaves the daemon listening as before, never deaf.
 
         Raises:
-            PermissionDeniedError, ConfigError: a monitor cannot be opened.
+            PermissionDeniedError, ConfigError: a monitor cannot be opened or enumerated (the
+                old monitors stay open).
         """
+        opened: list[tuple[Any, str]] = []
         try:
-            self._open(needs, world)
-        except PermissionError as exc:
-            self.close()
-            raise PermissionDeniedError(
-                f"cannot listen to udev and netlink events ({exc.strerror}); run watch as root"
-            ) from None
-        except OSError as exc:
-            self.close()
-            raise ConfigError(
-                f"cannot listen to udev and netlink events: {exc}; is this a Linux machine "
-                "with udev (/run/udev) and netlink?"
-            ) from None
+            self._open(needs, world, opened)
+        except Exception as exc:
+            for source, _name in opened:
+                source.close()
+            if isinstance(exc, PermissionError):
+                raise PermissionDeniedError(
+                    f"cannot listen to udev and netlink events ({exc.strerror}); run watch as root"
+                ) from None
+            if isinstance(exc, OSError):
+                raise ConfigError(
+                    f"cannot listen to udev and netlink events: {exc}; is this a Linux machine "
+                    "with udev (/run/udev) and netlink?"
+                ) from None
+            raise
+        self.close()
+        self.needs = needs
+        for source, name in opened:
+            if name == "udev":
+                self._udev = source
+            else:
+                self._netlink = source
+            self._add_reader(source, self._reader(source, name))
 
-    def _open(self, needs: Needs, world: World) -> None:
+    def _reader(self, source: Any, name: str) -> Callable[[int], None]:
+        return lambda mask: self._on_ready(source, name)
+
+    def _open(self, needs: Needs, world: World, opened: list[tuple[Any, str]]) -> None:
         from ._netlink_source import NetlinkSource, enumerate_links
         from ._udev_source import UdevSource, enumerate_devices
 
-        self.close()
-        self.needs = needs
         if needs.devices:
             import pyudev
 
             context = pyudev.Context()
             udev = UdevSource(context, needs, receive_buffer=self.udev_receive_buffer)
-            self._udev = udev
-            self._add_reader(udev, lambda mask: self._on_ready(udev, "udev"))
+            opened.append((udev, "udev"))
             world.apply(WorldReplaced(devices=tuple(enumerate_devices(context, needs)), links=None))
         else:
             world.apply(WorldReplaced(devices=(), links=None))
@@ -89,8 +105,7 @@ class Sources:
             if self.netlink_receive_buffer is not None:
                 kwargs["receive_buffer"] = self.netlink_receive_buffer
             netlink = NetlinkSource(self.netns, **kwargs)
-            self._netlink = netlink
-            self._add_reader(netlink, lambda mask: self._on_ready(netlink, "netlink"))
+            opened.append((netlink, "netlink"))
             world.apply(WorldReplaced(devices=None, links=tuple(enumerate_links(self.netns))))
         else:
             world.apply(WorldReplaced(devices=None, links=()))

@@ -497,3 +497,75 @@ def test_one_daemon_per_socket_and_the_socket_goes_with_it(
     assert not socket_path.exists()
     third = make_daemon()  # and a stale socket of a killed daemon would be replaced
     assert third.control is not None and socket_path.is_socket()
+
+
+def test_a_reload_whose_monitors_fail_keeps_the_old_rules_and_monitors(
+    make_daemon: Any, netns: str, fake_system: FakeSystem, tmp_path: Path, monkeypatch: Any
+) -> None:
+    import errno
+
+    import runtime_modules._udev_source as udev_source
+
+    daemon = make_daemon(_rule(settle=0.1))
+    (tmp_path / "rules.toml").write_text(_rule(settle=0.1) + _LOOPBACK_RULE)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:  # no real udev fails on demand
+        raise OSError(errno.EIO, "udev enumeration failed")
+
+    monkeypatch.setattr(udev_source, "enumerate_devices", broken)
+    daemon.signal(signal.SIGHUP)
+    daemon.step(1)  # raising here would be the daemon's death
+    assert [r.name for r in daemon.rules.rules] == ["lab-link-up"]
+    assert "new rules rejected, keeping the 1 loaded ones" in fake_system.stderr.getvalue()
+    assert "udev enumeration failed" in fake_system.stderr.getvalue()
+    _veth(netns, up=True)  # the old netlink monitor still hears
+    assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+
+
+def test_sighup_while_stopping_is_ignored(make_daemon: Any) -> None:
+    daemon = make_daemon(_rule())
+    daemon.stop()
+    assert daemon.reload() is False
+
+
+def test_a_reload_feeds_the_pins_against_the_new_registry(
+    make_daemon: Any, fake_system: FakeSystem
+) -> None:
+    from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
+    from tests.fixtures.applier import MODULES
+
+    # The base system has every module; the registry lists "gaming" only after the reload.
+    fake_system.write_registry(
+        [{"name": "podman"}, {"name": "virtualization"}], base_modules=MODULES
+    )
+    store = OverrideStore.from_settings(fake_system.settings)
+    source = OverrideSource(uid=0, user="root")
+    store.pin(
+        ["podman", "gaming"],
+        OverrideState.ON,
+        until=None,
+        source=source,
+        persist=False,
+        now=time.time(),
+    )
+    daemon = make_daemon(_rule(settle=0.1))  # the "gaming" pin is kept in the store, ignored
+    assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
+    done: list[ApplyDone] = []
+    daemon.subscribe(lambda n: done.append(n) if isinstance(n, ApplyDone) else None)
+    fake_system.write_registry(
+        [{"name": "gaming"}, {"name": "virtualization"}], base_modules=MODULES
+    )
+    daemon.signal(signal.SIGHUP)
+    assert daemon.run_until(lambda: daemon.applied == {"gaming"}, 10), (done, daemon.snapshot())
+    assert done and all(d.ok for d in done), done  # never "unknown module 'podman'"
+
+
+_LOOPBACK_RULE = """
+[[rule]]
+name = "loopback"
+modules = ["podman"]
+settle = "0.1s"
+[rule.when.device]
+subsystem = "net"
+sysname = "lo"
+"""
