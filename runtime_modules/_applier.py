@@ -31,7 +31,6 @@ import collections
 import contextlib
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
@@ -49,7 +48,14 @@ from ._flake import flake_ref, write_flake
 from ._hooks import HookPhase, HookResult, run_hooks
 from ._journal import Journal, JournalEvent, Priority
 from ._lock import ApplyLock, read_holder
-from ._process import group_alive, kill_group, process_alive, process_start_time
+from ._process import (
+    describe_end,
+    group_alive,
+    kill_group,
+    process_alive,
+    process_start_time,
+    seconds_text,
+)
 from ._registry import Registry
 from ._settings import Settings
 from ._state import (
@@ -128,26 +134,16 @@ class _Run:
         )
 
     def describe(self, name: str, timeout: float) -> str:
-        if self.error is not None and self.returncode is not None:
-            what = f"{name} ended, but {self.error}"
-        elif self.error is not None:
-            what = f"{name} could not be started: {self.error}"
-        elif self.timed_out:
-            what = f"{name} timed out after {_seconds(timeout)} and was killed"
-        elif self.cancelled:
-            what = f"{name} was stopped on request"
-        elif self.returncode is not None and self.returncode < 0:
-            what = f"{name} was killed by signal {signal.Signals(-self.returncode).name}"
-        else:
-            what = f"{name} exited with status {self.returncode}"
+        what = describe_end(
+            name,
+            returncode=self.returncode,
+            timed_out=self.timed_out,
+            cancelled=self.cancelled,
+            error=self.error,
+            timeout=timeout,
+        )
         last = next((ln.strip() for ln in reversed(self.last_lines) if ln.strip()), "")
         return what + (f' (last output: "{last[:200]}")' if last else "")
-
-
-def _seconds(value: float) -> str:
-    if value >= 120:
-        return f"{value / 60:.0f} min"
-    return f"{value:g} s"
 
 
 class _OutputLog:
@@ -333,6 +329,7 @@ class Applier:
         started, t0 = time.time(), time.monotonic()
         self._free_orphaned_lock()
         lock = ApplyLock(self.settings.lock_file)
+        ctx = _Context(apply_id, started, t0, reason, force, on_output, cancel, lock)
         if not lock.acquire(
             apply_id=apply_id,
             command=_command(),
@@ -341,20 +338,13 @@ class Applier:
             while_waiting=self._free_orphaned_lock,
         ):
             state = load_state(self.settings, journal=self.journal)
-            return ApplyOutcome(
-                apply_id=apply_id,
-                result=ApplyResult.CANCELLED,
-                before=state.applied,
-                after=state.applied,
-                system_before=None,
-                system_after=None,
-                started=started,
-                duration=time.monotonic() - t0,
-                message="cancelled while waiting for another apply to finish; nothing changed",
-                log_path=None,
+            return ctx.outcome(
+                ApplyResult.CANCELLED,
+                state.applied,
+                state.applied,
+                "cancelled while waiting for another apply to finish; nothing changed",
             )
         try:
-            ctx = _Context(apply_id, started, t0, reason, force, on_output, cancel, lock)
             return self._apply_locked(ctx, target)
         finally:
             lock.release()
@@ -727,19 +717,16 @@ class Applier:
                 self.settings.hook_timeout,
                 self.journal,
             )
-        return ApplyOutcome(
-            apply_id=ctx.apply_id,
-            result=result,
-            before=before,
-            after=after,
+        return ctx.outcome(
+            result,
+            before,
+            after,
+            message,
             system_before=system_before,
             system_after=system_after,
-            started=ctx.started,
-            duration=duration,
-            message=message,
             log_path=log.path if log is not None else None,
             target=goal,
-            hooks=tuple(hooks),
+            hooks=hooks,
         )
 
     def _state_not_saved(
@@ -820,17 +807,13 @@ class Applier:
             result=ApplyResult.UNCHANGED,
         )
         system = current_system(self.settings)
-        return ApplyOutcome(
-            apply_id=ctx.apply_id,
-            result=ApplyResult.UNCHANGED,
-            before=applied,
-            after=applied,
+        return ctx.outcome(
+            ApplyResult.UNCHANGED,
+            applied,
+            applied,
+            message,
             system_before=system,
             system_after=system,
-            started=ctx.started,
-            duration=time.monotonic() - ctx.t0,
-            message=message,
-            log_path=None,
             target=applied,
         )
 
@@ -872,18 +855,8 @@ class Applier:
             result=result,
             duration_ms=round(duration * 1000),
         )
-        return ApplyOutcome(
-            apply_id=ctx.apply_id,
-            result=result,
-            before=before,
-            after=after,
-            system_before=system,
-            system_after=system,
-            started=ctx.started,
-            duration=duration,
-            message=message,
-            log_path=None,
-            target=goal,
+        return ctx.outcome(
+            result, before, after, message, system_before=system, system_after=system, target=goal
         )
 
     # -- recovery -------------------------------------------------------------------------------
@@ -958,7 +931,6 @@ class Applier:
             system_after=system_after,
         )
         log.close()
-        duration = time.monotonic() - t0
         changed = ip.before ^ ip.target
         modules = dict(state.modules)
         for name in changed:
@@ -983,18 +955,16 @@ class Applier:
             uncertain=uncertain or state.uncertain,
         )
         save_state(self.settings, new_state)
-        return ApplyOutcome(
-            apply_id=ip.apply_id,
-            result=result,
-            before=ip.before,
-            after=ip.before,
+        return ctx.outcome(
+            result,
+            ip.before,
+            ip.before,
+            message,
             system_before=ip.system_before,
             system_after=system_after,
-            started=started,
-            duration=duration,
-            message=message,
             log_path=log.path,
             target=ip.target,
+            started=started,
         )
 
     def _roll_back(self, system_before: str, ctx: _Context, log: _OutputLog) -> tuple[bool, str]:
@@ -1218,6 +1188,36 @@ class _Context:
     cancel: threading.Event | None
     lock: ApplyLock
 
+    def outcome(
+        self,
+        result: ApplyResult,
+        before: frozenset[str],
+        after: frozenset[str],
+        message: str,
+        *,
+        system_before: str | None = None,
+        system_after: str | None = None,
+        log_path: Path | None = None,
+        target: frozenset[str] = frozenset(),
+        hooks: Iterable[HookResult] = (),
+        started: float | None = None,
+    ) -> ApplyOutcome:
+        """The outcome of this apply, timed from its start: the one place one is built."""
+        return ApplyOutcome(
+            apply_id=self.apply_id,
+            result=result,
+            before=before,
+            after=after,
+            system_before=system_before,
+            system_after=system_after,
+            started=self.started if started is None else started,
+            duration=time.monotonic() - self.t0,
+            message=message,
+            log_path=log_path,
+            target=target,
+            hooks=tuple(hooks),
+        )
+
 
 class _Emitter:
     """Sends each output line to the caller, the log and the journal."""
@@ -1261,8 +1261,8 @@ class _Emitter:
     def slow(self, bound: float) -> None:
         self.journal.send(
             JournalEvent.APPLY_OUTPUT,
-            f"the activation runs for more than {_seconds(bound)}; it is not stopped (killing it "
-            "half-way would leave the system half-switched), still waiting",
+            f"the activation runs for more than {seconds_text(bound)}; it is not stopped "
+            "(killing it half-way would leave the system half-switched), still waiting",
             apply_id=self.apply_id,
             priority=Priority.WARNING,
         )

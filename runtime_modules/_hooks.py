@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._journal import Journal, JournalEvent
-from ._process import kill_group
+from ._process import describe_end, kill_group
 
 # What of a hook's output is kept for the journal and the veto message: its last lines matter.
 OUTPUT_TAIL_BYTES = 16 * 1024
@@ -62,16 +62,15 @@ class HookResult:
 
     def describe(self) -> str:
         """One phrase for messages: what the hook did and its last line of output."""
-        if self.error is not None:
-            what = f"could not start ({self.error})"
-        elif self.timed_out:
-            what = f"timed out after {self.duration:.0f} s"
-        elif self.returncode is not None and self.returncode < 0:
-            what = f"was killed by signal {-self.returncode}"
-        else:
-            what = f"exited with status {self.returncode}"
+        what = describe_end(
+            f"hook {self.name}",
+            returncode=self.returncode,
+            timed_out=self.timed_out,
+            error=self.error,
+            timeout=round(self.duration),
+        )
         last = next((ln.strip() for ln in reversed(self.output.splitlines()) if ln.strip()), "")
-        return f"hook {self.name} {what}" + (f": {last[:200]}" if last else "")
+        return what + (f": {last[:200]}" if last else "")
 
 
 def find_hooks(hooks_dir: Path, phase: HookPhase, journal: Journal | None = None) -> list[Path]:

@@ -102,3 +102,36 @@ def kill_group(
     if term_first and group_alive(pgid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def seconds_text(value: float) -> str:
+    """A duration for messages: "90 s", "30 min"."""
+    if value >= 120:
+        return f"{value / 60:.0f} min"
+    return f"{value:g} s"
+
+
+def describe_end(
+    name: str,
+    *,
+    returncode: int | None,
+    timed_out: bool = False,
+    cancelled: bool = False,
+    error: str | None = None,
+    timeout: float = 0.0,
+) -> str:
+    """How a child command ended, in one phrase: the rebuild's, an activation's, a hook's."""
+    if error is not None and returncode is not None:
+        return f"{name} ended, but {error}"
+    if error is not None:
+        return f"{name} could not be started: {error}"
+    if timed_out:
+        return f"{name} timed out after {seconds_text(timeout)} and was killed"
+    if cancelled:
+        return f"{name} was stopped on request"
+    if returncode is not None and returncode < 0:
+        try:
+            return f"{name} was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"{name} was killed by signal {-returncode}"
+    return f"{name} exited with status {returncode}"

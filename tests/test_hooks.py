@@ -177,3 +177,10 @@ def test_an_unreadable_hooks_folder_is_reported_not_raised(
     journal, err = _journal(tmp_path)
     assert find_hooks(tmp_path, HookPhase.PRE_APPLY, journal) == []
     assert "cannot list the hooks (Permission denied)" in err.getvalue()
+
+
+def test_a_hook_killed_by_a_signal_is_named_like_a_rebuild(tmp_path: Path) -> None:
+    _hook(tmp_path, HookPhase.POST_APPLY, "10-dies", "kill -TERM $$\n")
+    journal, _ = _journal(tmp_path)
+    (result,) = run_hooks(HookPhase.POST_APPLY, tmp_path, PAYLOAD, ENV, 10.0, journal)
+    assert result.describe() == "hook 10-dies was killed by signal SIGTERM"
