@@ -18,19 +18,13 @@ from typing import Any
 
 import pytest
 
-from runtime_modules._applier import (
-    JOURNAL_OUTPUT_LINES,
-    LOG_HEAD_BYTES,
-    LOG_TAIL_BYTES,
-    Applier,
-    ApplyOutcome,
-    ApplyResult,
-)
+from runtime_modules._applier import Applier, ApplyOutcome, ApplyResult
 from runtime_modules._errors import ConfigError, LockBusyError, StateError, UnknownModuleError
 from runtime_modules._flake import FLAKE_LOCK, FLAKE_NIX
 from runtime_modules._journal import Journal, JournalEvent
 from runtime_modules._lock import ApplyLock
 from runtime_modules._process import process_alive
+from runtime_modules._runner import JOURNAL_OUTPUT_LINES, LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from runtime_modules._state import InProgress, ModuleStatus, load_state, save_state
 from tests.fakes.fakesystem import make_system
 from tests.fixtures.applier import FakeSystem, Tmpfs

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime_modules._applier import JOURNAL_OUTPUT_LINES, Applier, ApplyResult
+from runtime_modules._applier import Applier, ApplyResult
 from runtime_modules._cli import main as cli_main
 from runtime_modules._daemon import ApplyDone, Daemon, Notice
 from runtime_modules._errors import RegistryError, RuleError
@@ -43,6 +43,7 @@ from runtime_modules._reconciler_events import StartApply
 from runtime_modules._registry import Registry
 from runtime_modules._replay import Pipeline, describe
 from runtime_modules._rules import parse_rules
+from runtime_modules._runner import JOURNAL_OUTPUT_LINES
 from runtime_modules._settings import Settings
 from runtime_modules._state import ModuleStatus, load_state
 from runtime_modules._world import Device, DeviceUpsert, Link, LinkUpsert, OperState, World
