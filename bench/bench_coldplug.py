@@ -26,8 +26,8 @@ from _common import DGX, PYTHON, REPO, Section, met
 from bench_evaluate import make_rules, make_world
 
 from runtime_modules._dumps import read_udev_db
+from runtime_modules._pipeline import Pipeline
 from runtime_modules._reconciler import Reconciler
-from runtime_modules._replay import Pipeline
 from runtime_modules._rules import RuleSet, load_rules
 from runtime_modules._world import World
 

@@ -1,6 +1,6 @@
 """The daemon: one event loop around the pure pipeline (the imperative shell).
 
-Everything that decides lives in ``_replay.Pipeline`` (world → evaluator → reconciler) and
+Everything that decides lives in ``_pipeline.Pipeline`` (world → evaluator → reconciler) and
 ``_reconciler``; this module only does the I/O around it, on one thread with one ``selectors``
 loop:
 

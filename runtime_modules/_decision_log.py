@@ -1,7 +1,8 @@
 """How the daemon tells what it decided: one journal entry per decision (MESSAGE_IDs in
 docs/daemon.md), and with ``--dry-run`` the same readable line on stdout.
 
-The line is ``_replay.describe``'s, so ``watch --dry-run`` and ``simulate`` read alike. A rule's
+The line is ``describe``'s, also used by ``_replay``, so ``watch --dry-run`` and ``simulate`` read
+alike. A rule's
 matches (the devices and links that made it hold) are remembered from its activation, so that
 "lingering" and "deactivated" can still say what it was about.
 """
@@ -9,7 +10,7 @@ matches (the devices and links that made it hold) are remembered from its activa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TextIO
 
 from ._journal import Journal, JournalEvent, Priority
@@ -26,9 +27,8 @@ from ._reconciler_events import (
     RuleSettling,
     StartApply,
 )
-from ._replay import describe
 
-__all__ = ["DecisionLog"]
+__all__ = ["DecisionLog", "describe"]
 
 
 class DecisionLog:
@@ -116,3 +116,65 @@ class DecisionLog:
             self.out.flush()
         except (OSError, ValueError):  # stdout closed (a pipe whose reader left): stop echoing
             self.out = None
+
+
+# --- describing decisions ---------------------------------------------------------------------
+
+
+def set_text(modules: Iterable[str]) -> str:
+    """A module set for people: "gaming, podman", or "base system"."""
+    return ", ".join(sorted(modules)) or "base system"
+
+
+def _what(matches: Sequence[str]) -> str:
+    if not matches:
+        return ""
+    shown = ", ".join(matches[:3])
+    if len(matches) > 3:
+        shown += f" and {len(matches) - 3} more"
+    return f" ({shown})"
+
+
+def describe(
+    action: Action,
+    now: float,
+    *,
+    matches: Sequence[str] = (),
+    applied: frozenset[str] = frozenset(),
+    dry_run: bool = True,
+) -> str:
+    """One readable line for a decision; times are shown relative to ``now``.
+
+    ``applied`` is what is applied when the decision is made (an apply shows what it changes);
+    ``dry_run`` says "would start" rather than "starts" for an apply.
+    """
+    match action:
+        case RuleSettling(rule=rule, until=until):
+            return f"rule {rule} holds{_what(matches)}; active in {until - now:.1f}s if it stays"
+        case RuleSettleCancelled(rule=rule):
+            return f"rule {rule} stopped holding before it settled"
+        case RuleActivated(rule=rule, matches=found, resumed=resumed):
+            how = "active again" if resumed else "activated"
+            return f"rule {rule} {how}{_what(found)}"
+        case RuleLingering(rule=rule, until=until):
+            return f"rule {rule} lingering: no longer holds, stays active {until - now:.1f}s more"
+        case RuleDeactivated(rule=rule):
+            return f"rule {rule} deactivated"
+        case ApplyScheduled(target=target, at=at):
+            return f"apply of {{{set_text(target)}}} scheduled in {at - now:.1f}s"
+        case ApplyCancelled(target=target):
+            return f"scheduled apply of {{{set_text(target)}}} cancelled: already applied"
+        case StartApply(apply_id=apply_id, target=target, attempt=attempt):
+            added = sorted(target - applied)
+            removed = sorted(applied - target)
+            diff = " ".join([*(f"+{m}" for m in added), *(f"-{m}" for m in removed)])
+            retry = f", attempt {attempt}" if attempt > 1 else ""
+            verb = "would start" if dry_run else "starts"
+            return f"apply #{apply_id} {verb}: {{{set_text(target)}}}" + (
+                f" ({diff}{retry})" if diff or retry else ""
+            )
+        case ApplyGivenUp(target=target, failures=failures, message=message):
+            return f"gave up applying {{{set_text(target)}}} after {failures} failures: {message}"
+        case OverrideExpired(module=module):
+            return f"override of {module} expired: back to the rules"
+    return repr(action)

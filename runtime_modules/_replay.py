@@ -1,11 +1,9 @@
 """Replay: captured events through the same evaluator and reconciler, on a virtual clock.
 
-Two parts, both free of I/O but for reading the capture file:
+The daemon's pure core (``_pipeline.Pipeline``) driven from a capture file with the capture's
+own timestamps: same code, so a replay shows what the daemon would have done. Free of I/O but for
+reading the capture file. Here are:
 
-- ``Pipeline`` is the pure heart of the daemon: a ``World``, the ``IncrementalEvaluator`` kept
-  current by world changes, and the ``Reconciler`` fed with the resulting rule truth. The daemon
-  wraps it in its event loop (sources, clock, applier, journal); ``replay`` drives it from a file
-  with the capture's own timestamps. Same code, so a replay shows what the daemon would have done.
 - Parsers for the captures users can make with stock tools (docs/daemon.md, "Replay"):
 
   * ``udevadm monitor --udev --property`` (with or without ``--property``; KERNEL blocks are
@@ -26,7 +24,6 @@ succeeds after ``apply_time`` seconds.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import re
 import sys
@@ -37,25 +34,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from ._decision_log import describe, set_text
 from ._errors import DumpError
 from ._evaluate import IncrementalEvaluator
+from ._pipeline import Pipeline
 from ._reconciler import Reconciler
 from ._reconciler_events import (
     Action,
-    AppliedKnown,
-    ApplyCancelled,
     ApplyFinished,
-    ApplyGivenUp,
-    ApplyScheduled,
-    ConditionsChanged,
-    OverrideExpired,
-    RuleActivated,
-    RuleDeactivated,
-    RuleLingering,
-    RuleSettleCancelled,
     RuleSettling,
-    RulesLoaded,
-    RuleTiming,
     StartApply,
 )
 from ._rules import RuleSet
@@ -75,15 +62,13 @@ from ._world import (
 
 __all__ = [
     "Decision",
-    "Pipeline",
+    "Pipeline",  # the daemon's core, replayed here; the daemon imports it from here too
     "TimedChange",
     "add_events_option",
-    "describe",
     "parse_events",
     "read_events",
     "replay",
     "replay_changes",
-    "rules_loaded",
     "run_events",
     "steady_applied",
     "summary",
@@ -97,147 +82,6 @@ MAX_IDLE_STEPS = 100_000
 _CAPTURE_HELP = (
     "capture one with `udevadm monitor --udev --property > FILE` or `ip -ts monitor link > FILE`"
 )
-
-
-# --- the pipeline -----------------------------------------------------------------------------
-
-
-def _fingerprint(when: object) -> str:
-    # Conditions are frozen dataclasses of globs whose repr is their text: equal conditions
-    # give equal reprs, so an unchanged rule keeps its timeline across a reload.
-    return hashlib.sha256(repr(when).encode()).hexdigest()[:16]
-
-
-def rules_loaded(rules: RuleSet) -> RulesLoaded:
-    """The reconciler's view of the enabled rules of ``rules``."""
-    return RulesLoaded(
-        rules=tuple(
-            RuleTiming(
-                name=r.name,
-                modules=frozenset(r.modules),
-                settle=r.settle,
-                linger=r.linger,
-                fingerprint=_fingerprint(r.when),
-            )
-            for r in rules.rules
-            if r.enabled
-        )
-    )
-
-
-class Pipeline:
-    """World → evaluator → reconciler, on whatever clock the caller passes as ``now``."""
-
-    def __init__(self, rules: RuleSet, reconciler: Reconciler, world: World | None = None) -> None:
-        self.rules = rules
-        self.reconciler = reconciler
-        self.world = World() if world is None else world
-        self.evaluator = IncrementalEvaluator(rules)
-        self.holding: dict[str, tuple[str, ...]] = {}
-
-    def _truth(self) -> dict[str, tuple[str, ...]]:
-        return {name: r.matches for name, r in self.evaluator.results().items() if r.holds}
-
-    def coldplug(self, applied: frozenset[str], now: float) -> list[Action]:
-        """Start: the world as enumerated, what is applied, and the rules' truth in it."""
-        self.evaluator.reset(self.world)
-        self.holding = self._truth()
-        actions = self.reconciler.handle(rules_loaded(self.rules), now)
-        actions += self.reconciler.handle(AppliedKnown(applied=applied), now)
-        actions += self.reconciler.handle(ConditionsChanged(holding=self.holding), now)
-        return actions
-
-    def feed(self, changes: Iterable[WorldChange], now: float) -> list[Action] | None:
-        """Apply a batch of changes; None when no rule's truth changed (the reconciler was not
-        asked), else the actions of the one ``ConditionsChanged`` fed for the whole batch."""
-        world, evaluator = self.world, self.evaluator
-        changed = False
-        for change in changes:
-            world.apply(change)
-            if evaluator.update(world, change):
-                changed = True
-        if not changed:
-            return None
-        truth = self._truth()
-        if truth == self.holding:
-            return None  # some rule's matches moved back and forth within the batch
-        self.holding = truth
-        return self.reconciler.handle(ConditionsChanged(holding=truth), now)
-
-    def reload(self, rules: RuleSet, now: float) -> list[Action]:
-        """New rules on the same world: re-evaluate from scratch and tell the reconciler."""
-        self.rules = rules
-        self.evaluator = IncrementalEvaluator(rules)
-        self.evaluator.reset(self.world)
-        self.holding = self._truth()
-        actions = self.reconciler.handle(rules_loaded(rules), now)
-        actions += self.reconciler.handle(ConditionsChanged(holding=self.holding), now)
-        return actions
-
-    def matches(self, rule: str) -> tuple[str, ...]:
-        """What makes ``rule`` hold now (devpaths and interface names), or ()."""
-        return self.holding.get(rule, ())
-
-
-# --- describing decisions ---------------------------------------------------------------------
-
-
-def _set(modules: Iterable[str]) -> str:
-    return ", ".join(sorted(modules)) or "base system"
-
-
-def _what(matches: Sequence[str]) -> str:
-    if not matches:
-        return ""
-    shown = ", ".join(matches[:3])
-    if len(matches) > 3:
-        shown += f" and {len(matches) - 3} more"
-    return f" ({shown})"
-
-
-def describe(
-    action: Action,
-    now: float,
-    *,
-    matches: Sequence[str] = (),
-    applied: frozenset[str] = frozenset(),
-    dry_run: bool = True,
-) -> str:
-    """One readable line for a decision; times are shown relative to ``now``.
-
-    ``applied`` is what is applied when the decision is made (an apply shows what it changes);
-    ``dry_run`` says "would start" rather than "starts" for an apply.
-    """
-    match action:
-        case RuleSettling(rule=rule, until=until):
-            return f"rule {rule} holds{_what(matches)}; active in {until - now:.1f}s if it stays"
-        case RuleSettleCancelled(rule=rule):
-            return f"rule {rule} stopped holding before it settled"
-        case RuleActivated(rule=rule, matches=found, resumed=resumed):
-            how = "active again" if resumed else "activated"
-            return f"rule {rule} {how}{_what(found)}"
-        case RuleLingering(rule=rule, until=until):
-            return f"rule {rule} lingering: no longer holds, stays active {until - now:.1f}s more"
-        case RuleDeactivated(rule=rule):
-            return f"rule {rule} deactivated"
-        case ApplyScheduled(target=target, at=at):
-            return f"apply of {{{_set(target)}}} scheduled in {at - now:.1f}s"
-        case ApplyCancelled(target=target):
-            return f"scheduled apply of {{{_set(target)}}} cancelled: already applied"
-        case StartApply(apply_id=apply_id, target=target, attempt=attempt):
-            added = sorted(target - applied)
-            removed = sorted(applied - target)
-            diff = " ".join([*(f"+{m}" for m in added), *(f"-{m}" for m in removed)])
-            retry = f", attempt {attempt}" if attempt > 1 else ""
-            verb = "would start" if dry_run else "starts"
-            return f"apply #{apply_id} {verb}: {{{_set(target)}}}" + (
-                f" ({diff}{retry})" if diff or retry else ""
-            )
-        case ApplyGivenUp(target=target, failures=failures, message=message):
-            return f"gave up applying {{{_set(target)}}} after {failures} failures: {message}"
-        case OverrideExpired(module=module):
-            return f"override of {module} expired: back to the rules"
-    return repr(action)
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,7 +431,7 @@ def run_events(
     out.write(
         f"replaying {', '.join(map(str, args.events))}: {enabled} rules, "
         f"{len(world.devices)} devices and {len(world.links)} links at the start; "
-        f"applied: {_set(start)}\n"
+        f"applied: {set_text(start)}\n"
     )
     for decision in decisions:
         out.write(f"{decision}\n")

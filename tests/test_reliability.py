@@ -34,14 +34,15 @@ from hypothesis import strategies as st
 from runtime_modules._applier import Applier, ApplyResult
 from runtime_modules._cli import main as cli_main
 from runtime_modules._daemon import ApplyDone, Daemon, Notice
+from runtime_modules._decision_log import describe
 from runtime_modules._errors import RegistryError, RuleError
 from runtime_modules._flake import FLAKE_NIX
 from runtime_modules._journal import Journal, JournalEvent
+from runtime_modules._pipeline import Pipeline
 from runtime_modules._process import process_alive
 from runtime_modules._reconciler import Reconciler
 from runtime_modules._reconciler_events import StartApply
 from runtime_modules._registry import Registry
-from runtime_modules._replay import Pipeline, describe
 from runtime_modules._rules import parse_rules
 from runtime_modules._runner import JOURNAL_OUTPUT_LINES
 from runtime_modules._settings import Settings
