@@ -41,7 +41,7 @@ from ._reconciler_events import (
     GivenUp,
     Input,
     LastApply,
-    ModuleStatus,
+    ModuleSnapshot,
     Override,
     OverrideExpired,
     OverridesChanged,
@@ -84,7 +84,7 @@ __all__ = [
     "GivenUp",
     "Input",
     "LastApply",
-    "ModuleStatus",
+    "ModuleSnapshot",
     "Override",
     "OverrideExpired",
     "OverrideState",
@@ -342,7 +342,7 @@ class Reconciler:
             names |= self._frozen
         reasons = self._reasons(names)
         modules = tuple(
-            ModuleStatus(
+            ModuleSnapshot(
                 name=name,
                 wanted=name in self._wanted,
                 applied=name in self._applied,

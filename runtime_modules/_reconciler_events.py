@@ -439,7 +439,9 @@ class RuleStatus(_Json):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ModuleStatus(_Json):
+class ModuleSnapshot(_Json):
+    """One module in the reconciler's snapshot (not ``_state.ModuleStatus``, the applied state)."""
+
     name: str
     wanted: bool
     applied: bool
@@ -495,7 +497,7 @@ class ReconcilerStatus(_Json):
     now: float
     world_known: bool  # False until the first ConditionsChanged (coldplug)
     rules: tuple[RuleStatus, ...]  # sorted by name
-    modules: tuple[ModuleStatus, ...]  # every module wanted, applied, overridden or in a rule
+    modules: tuple[ModuleSnapshot, ...]  # every module wanted, applied, overridden or in a rule
     wanted: frozenset[str]
     applied: frozenset[str]
     overrides: tuple[Override, ...]
