@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -109,11 +109,12 @@ def unknown_module_message(name: str, known: Iterable[str]) -> str:
     return text + " (see `runtime-modules list`)"
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as people write it: "modules[2].name" ("" at the top)."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
+    return out
 
 
 def parse_registry(text: str | bytes, source: str) -> Registry:
@@ -136,7 +137,7 @@ def parse_registry(text: str | bytes, source: str) -> Registry:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise RegistryError(
-            f"{source}: {_location(tuple(first['loc']))}: {first['msg']}{more}"
+            f"{source}: {field_path(first['loc']) or '(top level)'}: {first['msg']}{more}"
         ) from None
 
 

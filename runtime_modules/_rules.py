@@ -44,7 +44,7 @@ from pydantic_core import PydanticCustomError
 
 from ._errors import RuleError, RuleProblem
 from ._glob import Glob, compile_glob, fold, glob_error
-from ._registry import MODULE_NAME
+from ._registry import MODULE_NAME, field_path
 from ._world import OperState
 
 __all__ = [
@@ -676,13 +676,6 @@ def _suggest(key: str, allowed: Sequence[str]) -> str | None:
     return "allowed keys: " + ", ".join(allowed)
 
 
-def _field(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 _MESSAGES = {
     "missing": "required key is missing",
     "string_type": "must be a string",
@@ -724,7 +717,7 @@ def _problems_from(exc: ValidationError, raw: object, index: int, source: str) -
                 )
         else:
             message = err["msg"]
-        problems.append(RuleProblem(source, rule, _field(loc) or None, message, hint))
+        problems.append(RuleProblem(source, rule, field_path(loc) or None, message, hint))
     return problems
 
 
