@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,8 @@ def _key_value(source: str, number: int, text: str, help_: str) -> tuple[str, st
     return key, value
 
 
-def _tags(properties: dict[str, str], extra: Sequence[str] = ()) -> frozenset[str]:
+def tags_of(properties: Mapping[str, str], extra: Sequence[str] = ()) -> frozenset[str]:
+    """A device's tags from its udev properties (dumps and replayed captures alike)."""
     # TAGS is ":a:b:" (udev keeps every tag ever set there; CURRENT_TAGS only the current ones).
     raw = properties.get("TAGS", "")
     return frozenset([*(t for t in raw.split(":") if t), *extra])
@@ -149,7 +150,7 @@ def parse_udev_db(text: str, source: str) -> list[Device]:
                 driver=props.get("DRIVER", fields.get("V")),
                 sysname=fields.get("M", ""),
                 properties=props,
-                tags=_tags(props, tags),
+                tags=tags_of(props, tags),
             )
         )
     if not devices:
@@ -257,7 +258,7 @@ def parse_umockdev(text: str, source: str) -> list[Device]:
                 driver=driver,
                 properties=props,
                 attributes=attrs,
-                tags=_tags(props),
+                tags=tags_of(props),
             )
         )
     if not devices:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ._decision_log import describe, set_text
+from ._dumps import tags_of
 from ._errors import DumpError
 from ._evaluate import IncrementalEvaluator
 from ._pipeline import Pipeline
@@ -131,7 +132,7 @@ def _udev_change(
 ) -> WorldChange:
     if action == "remove":
         return DeviceRemoved(devpath)
-    tags = frozenset(t for t in props.get("TAGS", "").split(":") if t)
+    tags = tags_of(props)
     device = Device(
         devpath=devpath,
         subsystem=props.get("SUBSYSTEM", subsystem) or None,
