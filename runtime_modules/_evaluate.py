@@ -314,7 +314,6 @@ class IncrementalEvaluator:
                 p = p.parent
         self._chain_by_subsystem, self._chain_any = _index(list(enumerate(self._chain)))
         n = len(plan.atoms)
-        self._paths: list[str] = []  # devpaths of the world, sorted: descendants are a range
         # Device atom → the devpaths matching it, kept sorted (matches are reported sorted).
         self._hits: list[list[str]] = [[] for _ in range(n)]
         self._matched_by: dict[str, set[int]] = {}  # devpath → device atoms it matches
@@ -344,7 +343,8 @@ class IncrementalEvaluator:
             case DeviceUpsert(device):
                 self._sync_devices(world, [device.devpath], dirty)
             case DeviceRemoved(devpath):
-                self._sync_devices(world, [devpath, *self._descendants(devpath)], dirty)
+                # The world dropped the subtree already; what we hold below it is forgotten.
+                self._sync_devices(world, [devpath, *self._known_below(devpath)], dirty)
             case DeviceMoved(old_devpath, device):
                 self._sync_devices(world, [old_devpath, device.devpath], dirty)
             case LinkUpsert(link):
@@ -379,12 +379,11 @@ class IncrementalEvaluator:
         return frozenset(c for c in ids if _own_match(self._chain[c], d))
 
     def _reset_devices(self, world: World) -> None:
-        self._paths = sorted(world.devices)
         for i in self._device_ids:
             self._hits[i] = []
         self._matched_by = {}
         self._anchors = {}
-        for path in self._paths:
+        for path in world.devpaths():
             d = world.devices[path]
             found = self._matches_now(world, d)
             if found:
@@ -394,11 +393,12 @@ class IncrementalEvaluator:
             if self._chain and (anchors := self._anchors_of(d)):
                 self._anchors[path] = anchors
 
-    def _descendants(self, devpath: str) -> list[str]:
-        # Every path below "X/" sorts between "X/" and "X0" ("0" follows "/" in ASCII).
-        lo = bisect.bisect_left(self._paths, devpath + "/")
-        hi = bisect.bisect_left(self._paths, devpath + "0", lo)
-        return self._paths[lo:hi]
+    def _known_below(self, devpath: str) -> list[str]:
+        """The devpaths below ``devpath`` we hold something for (matches or anchors): few."""
+        prefix = devpath + "/"
+        return sorted(
+            p for p in self._matched_by.keys() | self._anchors.keys() if p.startswith(prefix)
+        )
 
     def _set_hits(self, path: str, scope: Iterable[int], new: set[int], dirty: set[int]) -> None:
         """Make ``new`` the atoms among ``scope`` that ``path`` matches."""
@@ -427,15 +427,9 @@ class IncrementalEvaluator:
         affected: set[int] = set()  # parent atoms to re-test below ``paths``
         for path in paths:
             d = world.devices.get(path)
-            i = bisect.bisect_left(self._paths, path)
-            present = i < len(self._paths) and self._paths[i] == path
             if d is None:
-                if present:
-                    del self._paths[i]
                 self._set_hits(path, everything, set(), dirty)
             else:
-                if not present:
-                    self._paths.insert(i, path)
                 self._set_hits(path, everything, self._matches_now(world, d), dirty)
             if self._chain:
                 old = self._anchors.pop(path, frozenset())
@@ -447,11 +441,8 @@ class IncrementalEvaluator:
         if not affected:
             return
         for root in paths:
-            for path in self._descendants(root):
-                d = world.devices.get(path)
-                if d is None:  # gone without a word (the caller removed it): forget it
-                    self._sync_devices(world, [path], dirty)
-                    continue
+            for path in world.descendants(root):
+                d = world.devices[path]
                 candidates = self._by_subsystem.get(_subsystem_key(d), self._any_subsystem)
                 ids = [i for i in candidates if i in affected]
                 if ids:

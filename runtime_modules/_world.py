@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -206,6 +206,10 @@ class World:
         for path in self._paths[lo:hi]:
             del self.devices[path]
         del self._paths[lo:hi]
+
+    def devpaths(self) -> Sequence[str]:
+        """Every devpath, sorted (a view: do not change it)."""
+        return self._paths
 
     def descendants(self, devpath: str) -> list[str]:
         """Devpaths of the recorded descendants of ``devpath``, in sorted order."""
