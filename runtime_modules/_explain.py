@@ -142,10 +142,17 @@ class Explanation:
     rule: str
     modules: tuple[str, ...]
     enabled: bool
-    holds: bool
-    matches: tuple[str, ...]
     condition: ConditionReport
     source: str
+
+    # Read from the report, so the verdict and its reasons come from one computation.
+    @property
+    def holds(self) -> bool:
+        return self.condition.holds
+
+    @property
+    def matches(self) -> tuple[str, ...]:
+        return self.condition.matches
 
     @property
     def active(self) -> bool:
@@ -414,24 +421,31 @@ def _report(c: Condition, world: World) -> ConditionReport:
 def explain(
     rules: RuleSet,
     world: World,
-    evaluation: Evaluation,
+    evaluation: Evaluation | None = None,
     modules: Iterable[str] | None = None,
 ) -> list[Explanation]:
-    """An explanation per rule, in rule order; only rules naming one of ``modules`` if given."""
+    """An explanation per rule, in rule order; only rules naming one of ``modules`` if given.
+
+    Each condition is tested here, once, and both the verdict and the reasons come from that
+    (the same semantics as ``_evaluate``: same matches, same order). ``evaluation``, when given,
+    must agree; it is checked, not trusted, so a disagreement is a bug found rather than an
+    explanation that contradicts itself.
+    """
     wanted = None if modules is None else frozenset(modules)
     out = []
     for rule in rules.rules:
         if wanted is not None and wanted.isdisjoint(rule.modules):
             continue
-        result = evaluation[rule.name]
+        report = _report(rule.when, world)
+        if evaluation is not None:
+            result = evaluation[rule.name]
+            assert (result.holds, result.matches) == (report.holds, report.matches), rule.name
         out.append(
             Explanation(
                 rule=rule.name,
                 modules=rule.modules,
                 enabled=rule.enabled,
-                holds=result.holds,
-                matches=result.matches,
-                condition=_report(rule.when, world),
+                condition=report,
                 source=rule.source,
             )
         )

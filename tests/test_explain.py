@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import HealthCheck, given, settings
+
 from runtime_modules._evaluate import evaluate
 from runtime_modules._explain import Explanation, describe, explain
 from runtime_modules._rules import RuleSet, parse_rules
 from runtime_modules._world import Device, Link, OperState, World
+from tests.fixtures.world import rule_sets, worlds
 
 IGPU = "/devices/pci0000:00/0000:00:08.1/0000:c4:00.0"
 
@@ -129,3 +132,13 @@ def test_describe_and_long_values_are_cut() -> None:
     (e,) = explained(rules, world)
     line = e.text().splitlines()[1]
     assert "attribute boot_vga=111" in line and line.endswith("…")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rule_sets, worlds)
+def test_an_explanation_agrees_with_the_evaluation(rules: RuleSet, world: World) -> None:
+    """The verdict and the reasons come from one computation, and it is the evaluator's."""
+    evaluation = evaluate(rules, world)
+    for e in explain(rules, world, evaluation):  # explain checks the agreement itself
+        assert (e.holds, e.matches) == (evaluation[e.rule].holds, evaluation[e.rule].matches)
+        assert e.holds == e.condition.holds
