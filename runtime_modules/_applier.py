@@ -169,6 +169,8 @@ class Applier:
         # What the dry runs of this applier would have applied: never written to the state file
         # (the real system did not change), yet a dry-run daemon must not "apply" it again.
         self.dry_applied: frozenset[str] | None = None
+        # The state file's identity when last read for an orphaned rebuild, and what it said.
+        self._seen_in_progress: tuple[tuple[int, int, int], InProgress | None] | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -743,12 +745,24 @@ class Applier:
     # -- recovery -------------------------------------------------------------------------------
 
     def _free_orphaned_lock(self) -> None:
-        """Kill a rebuild left running by an applier that died: it holds the lock forever."""
+        """Kill a rebuild left running by an applier that died: it holds the lock forever.
+
+        Called about once a second while waiting for the lock: the state file is parsed again
+        only when it changed (each write replaces it: a new inode).
+        """
         try:
-            state = load_state(self.settings, journal=self.journal)
-        except (StateError, OSError):
+            st = os.stat(self.settings.state_file)
+        except OSError:
             return
-        ip = state.in_progress
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        seen = self._seen_in_progress
+        if seen is None or seen[0] != key:
+            try:
+                state = load_state(self.settings, journal=self.journal)
+            except (StateError, OSError):
+                return
+            seen = self._seen_in_progress = (key, state.in_progress)
+        ip = seen[1]
         if ip is None or ip.rebuild_pgid is None or process_alive(ip.pid, ip.pid_start):
             return
         holder = read_holder(self.settings.lock_file)
