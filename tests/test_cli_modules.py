@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from runtime_modules._errors import ExitCode
 from runtime_modules._lock import ApplyLock
 from runtime_modules._state import ModuleStatus, load_state
 from tests.fixtures.applier import FakeSystem, Tmpfs
-from tests.fixtures.system import REPO
+from tests.fixtures.system import REPO, eventually
 
 LIST_KEYS = ["name", "description", "state", "applied"]
 STATUS_KEYS = [
@@ -257,10 +260,33 @@ def _cli_process(cli: FakeSystem, *argv: str, **kwargs: Any) -> subprocess.Popen
     )
 
 
+def _opened(path: Path) -> Callable[[], bool]:
+    """A check that turns true once someone opens ``path`` after this call (inotify IN_OPEN)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0 and libc.inotify_add_watch(fd, str(path).encode(), 0x20) >= 0  # IN_OPEN
+    seen = []
+
+    def check() -> bool:
+        if not seen:
+            with contextlib.suppress(BlockingIOError):
+                seen.append(os.read(fd, 4096))
+            if seen:
+                os.close(fd)
+        return bool(seen)
+
+    return check
+
+
 def test_two_concurrent_enables_take_turns_and_both_land(cli: FakeSystem) -> None:
-    cli.control(sleep=0.3)  # each rebuild takes a while, so the two would overlap
+    cli.hold()  # the first rebuild lasts until released: the two overlap on any load
     first = _cli_process(cli, "enable", "gaming")
+    assert eventually(lambda: cli.records("waiting") != [])  # first builds, under the lock
+    opened = _opened(cli.settings.lock_file)  # the first holds it open: a new open is second's
     second = _cli_process(cli, "enable", "podman")
+    assert eventually(opened)  # the second tries the lock (and waits: it is taken)
+    assert len(cli.records("start")) == 1  # and did not build beside the first
+    cli.release()
     for proc in (first, second):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == ExitCode.OK, err

@@ -28,7 +28,7 @@ from runtime_modules._reconciler_events import StartApply
 from runtime_modules._state import load_state
 from tests.fixtures.applier import FakeSystem
 from tests.fixtures.daemon import LINK_RULE, NotifyListener, UmockdevBed
-from tests.fixtures.system import REPO, ip_netns, journal_entries
+from tests.fixtures.system import REPO, eventually, ip_netns, journal_entries
 
 pytestmark = pytest.mark.root
 
@@ -59,11 +59,16 @@ def _settle_down(daemon: Daemon, seconds: float) -> None:
 
 
 def test_idle_daemon_has_no_timer_at_all(make_daemon: Any, netns: str) -> None:
-    daemon = make_daemon(_rule(), notifier=Notifier({}))
+    daemon = make_daemon(_rule(settle=0.1, linger=0.2), notifier=Notifier({}))
     assert daemon.wait_time() is None  # nothing pending: select() blocks with no timeout
     _veth(netns, up=True)
     daemon.run_until(lambda: daemon.wait_time() is not None, 5)
     assert daemon.wait_time() is not None  # settling: one timer, for the settle deadline
+    assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+    assert daemon.run_until(lambda: daemon.wait_time() is None, 5), daemon.snapshot()
+    ip_netns(netns, "link", "set", "vb", "down")  # va goes down: linger, then an apply
+    assert daemon.run_until(lambda: daemon.applied == frozenset(), 10)
+    assert daemon.run_until(lambda: daemon.wait_time() is None, 5), daemon.snapshot()
 
 
 def test_link_up_applies_once_after_settle(
@@ -292,15 +297,6 @@ def _watch(
     return pid
 
 
-def _wait(done: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def _applied(fake: FakeSystem) -> frozenset[str]:
     return load_state(fake.settings).applied
 
@@ -320,14 +316,14 @@ def test_gpu_added_applies_gaming_once_after_settle(
     pid = _watch(umockdev_bed, fake_system, notify_socket, GPU_RULE, tmp_path)
     added = time.time()
     umockdev_bed.add("pci", "gpu0", properties={"PCI_ID": "10DE:1DB2", "PCI_CLASS": "30000"})
-    assert _wait(lambda: _applied(fake_system) == {"gaming"})
+    assert eventually(lambda: _applied(fake_system) == {"gaming"})
     (start,) = fake_system.records("start")
     assert start["time"] - added >= 0.3
-    time.sleep(0.8)  # past settle + quiet again: nothing more happens
+    # Idle (nothing applying, nothing next) with gaming applied: the decision is final; a
+    # follow-up would have been scheduled when the apply ended, before this status.
+    notify_socket.wait_for("STATUS", "1 rules (1 not inactive); applied: gaming")
+    assert _stop(umockdev_bed, pid) == 0  # an apply started meanwhile would finish first
     assert _starts(fake_system) == 1
-    status = notify_socket.wait_for("STATUS")["STATUS"]
-    assert "1 rules" in status
-    assert _stop(umockdev_bed, pid) == 0
     notify_socket.wait_for("STOPPING", "1")
 
 
@@ -341,14 +337,17 @@ def test_dock_replugged_within_linger_causes_no_churn(
     pid = _watch(umockdev_bed, fake_system, notify_socket, DOCK_RULE, tmp_path)
     hub = {"PRODUCT": "2109/2822/9013", "DEVTYPE": "usb_device"}
     dock = umockdev_bed.add("usb", "1-2", properties=hub)
-    assert _wait(lambda: _applied(fake_system) == {"virtualization"})
+    assert eventually(lambda: _applied(fake_system) == {"virtualization"})
     umockdev_bed.remove(dock)
     time.sleep(0.3)  # unplugged for a moment, well within the linger of 1.5 s
     umockdev_bed.add("usb", "1-2", properties=hub)
-    time.sleep(2.0)  # past the linger the first unplug started
+    # Churn would be decided at unplug + linger (1.5 s) + quiet (0.5 s, the default): wait
+    # past it with a margin for a loaded machine. Then stop: an apply it started would finish
+    # (and be recorded) before the daemon exits, so the fake's start-up is out of the window.
+    time.sleep(1.5 + 0.5 + 1.5 - 0.3)
+    assert _stop(umockdev_bed, pid) == 0
     assert _starts(fake_system) == 1
     assert _applied(fake_system) == {"virtualization"}
-    assert _stop(umockdev_bed, pid) == 0
 
 
 @pytest.mark.umockdev
@@ -362,10 +361,10 @@ def test_storm_of_one_thousand_uevents_makes_one_apply(
     gpu = umockdev_bed.add("pci", "gpu0", properties={"PCI_ID": "10DE:1DB2"})
     umockdev_bed.add("pci", "nic0", properties={"PCI_ID": "8086:1533"})
     umockdev_bed.uevent(gpu, "change", count=1000)
-    assert _wait(lambda: _applied(fake_system) == {"gaming"})
-    time.sleep(0.8)
-    assert _starts(fake_system) == 1
+    assert eventually(lambda: _applied(fake_system) == {"gaming"})
+    notify_socket.wait_for("STATUS", "1 rules (1 not inactive); applied: gaming")  # idle
     assert _stop(umockdev_bed, pid) == 0
+    assert _starts(fake_system) == 1
     assert json.loads(json.dumps(fake_system.state_json()))["applied"] == ["gaming"]
 
 

@@ -41,7 +41,7 @@ from runtime_modules._state import load_state
 from tests.fixtures.applier import FakeSystem
 from tests.fixtures.control import public_dir
 from tests.fixtures.daemon import LINK_RULE
-from tests.fixtures.system import REPO, ip_netns
+from tests.fixtures.system import REPO, eventually, ip_netns
 
 pytestmark = pytest.mark.root
 
@@ -194,13 +194,12 @@ def applied(settings: Settings) -> frozenset[str]:
     return load_state(settings).applied
 
 
-def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+def idle(run: DaemonThread) -> bool:
+    """Wait until the daemon has nothing running and no timer at all: nothing more happens
+    without a new event (every decision is taken when its input arrives)."""
+    return eventually(
+        lambda: run.call(lambda: run.daemon.applying is None and run.daemon.wait_time() is None)
+    )
 
 
 def veth_up(netns: str) -> None:
@@ -272,18 +271,21 @@ def test_two_clis_at_once_end_right_with_one_apply_at_a_time(
     cli_env: dict[str, str],
 ) -> None:
     run = start_daemon()
-    fake_system.control(sleep=0.6)  # each rebuild takes a while: the calls overlap
+    fake_system.hold()  # the rebuilds wait for release(): the calls overlap on any load
     first = cli_process(cli_env, "enable", "gaming")
     assert eventually(lambda: run.call(lambda: run.daemon.applying) == 1)
     same = cli_process(cli_env, "enable", "gaming")  # where apply #1 goes already
     assert same.stderr is not None
     assert same.stderr.readline() == "apply #1, under way, carries this change\n"
     second = cli_process(cli_env, "enable", "podman")  # one more: it needs a follow-up
+    assert second.stderr is not None
+    queued = second.stderr.readline()  # answered while #1 is held
+    fake_system.release()
     results = {}
     for name, proc in (("first", first), ("same", same), ("second", second)):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == ExitCode.OK, err
-        results[name] = (out, err)
+        results[name] = (out, queued + err if proc is second else err)
     # Each is answered by the apply that carries its change: #1, #1, and the follow-up #2.
     assert results["first"][0].startswith("enabled gaming")
     assert results["same"][0].startswith("enabled gaming")
@@ -304,27 +306,34 @@ def test_no_wait_returns_at_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     start_daemon()
-    fake_system.control(sleep=1.5)
-    t0 = time.monotonic()
+    fake_system.hold()  # the apply cannot end before release(): returning proves no wait
     code, out, err = cli(capsys, "enable", "gaming", "--no-wait")
-    assert time.monotonic() - t0 < 1.0  # the apply takes over 1.5 s
     assert (code, out, err) == (ExitCode.OK, "", "apply #1 starts: {gaming} (+gaming)\n")
     assert applied(public_state) == frozenset()
+    fake_system.release()
     assert eventually(lambda: applied(public_state) == {"gaming"})
 
 
-@pytest.mark.usefixtures("cli_env")
 def test_a_silent_apply_still_shows_the_elapsed_time(
     start_daemon: Callable[..., DaemonThread],
     fake_system: FakeSystem,
-    capsys: pytest.CaptureFixture[str],
+    cli_env: dict[str, str],
 ) -> None:
     run = start_daemon()
     run.call(lambda: setattr(run.daemon.control, "heartbeat", 0.2))  # 5 s in production
-    fake_system.control(sleep=1.0)  # a second without a line of output
-    code, _, err = cli(capsys, "enable", "gaming")
-    assert code == ExitCode.OK, err
-    assert err.count("s] still applying\n") >= 3
+    fake_system.hold()  # silent until released: after three heartbeats
+    proc = cli_process(cli_env, "enable", "gaming")
+    assert proc.stderr is not None
+    beats = 0
+    seen = []
+    while beats < 3:  # the held build gives up after 60 s: this ends
+        line = proc.stderr.readline()
+        assert line, seen
+        seen.append(line)
+        beats += line.endswith("s] still applying\n")
+    fake_system.release()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.OK, "".join(seen) + err
 
 
 def test_a_daemon_that_stops_tells_who_still_waits(
@@ -334,13 +343,14 @@ def test_a_daemon_that_stops_tells_who_still_waits(
     cli_env: dict[str, str],
 ) -> None:
     run = start_daemon()
-    fake_system.control(sleep=1.0)
+    fake_system.hold()  # apply #1 lasts until released, on any load
     first = cli_process(cli_env, "enable", "gaming")
     assert eventually(lambda: run.call(lambda: run.daemon.applying) == 1)
     queued = cli_process(cli_env, "enable", "podman")
     assert queued.stderr is not None
     assert queued.stderr.readline().startswith("apply #1 is under way")
     run.call(run.daemon.stop)  # SIGTERM: the apply under way may finish, no follow-up starts
+    fake_system.release()
     out, err = first.communicate(timeout=30)
     assert first.returncode == ExitCode.OK and out.startswith("enabled gaming"), err
     out, err = queued.communicate(timeout=30)
@@ -436,7 +446,7 @@ def test_pause_resume_and_reset(
     assert code == ExitCode.OK, err
     assert applied(public_state) == frozenset()
     assert "automation is paused: rules bring no module back" in err
-    time.sleep(0.3)  # past settle and quiet: the rule that holds does not bring it back
+    assert idle(run)  # nothing due: the rule that holds does not bring it back
     assert applied(public_state) == frozenset()
     assert status(capsys)["paused"] is True
 
@@ -569,11 +579,12 @@ def test_pins_follow_the_wall_clock_when_it_is_set(
     start_daemon(wall=lambda: time.time() + shift[0])
     assert cli(capsys, "enable", "gaming", "--for", "1h")[0] == ExitCode.OK
     assert applied(public_state) == {"gaming"}
-    # The wall clock is set 1 h minus 0.3 s ahead (NTP at boot): the pin ends 0.3 s from now,
-    # not in an hour. The daemon notices at its next wakeup, here the status request.
-    shift[0] = 3600 - 0.3
+    # The wall clock is set 1 h minus 3 s ahead (NTP at boot): the pin ends 3 s from now, not
+    # in an hour (3 s: the status request below comes before it even on a loaded machine).
+    # The daemon notices at its next wakeup, here the status request.
+    shift[0] = 3600 - 3.0
     assert status(capsys)["overrides"]
-    assert eventually(lambda: applied(public_state) == frozenset(), timeout=5)
+    assert eventually(lambda: applied(public_state) == frozenset(), timeout=15)
     assert status(capsys)["overrides"] == []
 
 
@@ -663,7 +674,7 @@ def test_without_a_daemon_the_verbs_apply_directly_and_a_daemon_keeps_them(
     assert code == ExitCode.OK, err
     assert applied(public_state) == frozenset()
     run = start_daemon()  # reset paused automation: the rule brings nothing back
-    time.sleep(0.3)
+    assert idle(run)
     assert applied(public_state) == frozenset()
     assert cli(capsys, "resume")[0] == ExitCode.OK
     assert applied(public_state) == {"virtualization"}
