@@ -19,6 +19,8 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
+    # parse_rules loads the file format on first use: load it here, so it is instrumented too.
+    import runtime_modules._rule_format  # noqa: F401
     from runtime_modules._errors import RuleError
     from runtime_modules._evaluate import evaluate
     from runtime_modules._flake import FLAKE_NIX, write_flake
