@@ -378,7 +378,7 @@ class Daemon:
         for key, mask in self.selector.select(wait):
             key.data(mask)
         self._run_timers()
-        if self.started and not self.stopped:
+        if self.started:
             self._update_status()
 
     def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
@@ -643,7 +643,8 @@ class Daemon:
         return f"dry run; {line}" if self.dry_run else line
 
     def _update_status(self) -> None:
-        if self.notifier.enabled and self.pipeline is not None:
+        # While stopping, STATUS keeps the stop message (what systemctl status should show).
+        if self.notifier.enabled and self.pipeline is not None and not self.stopping:
             self.notifier.status(self._status_line())
 
     def close(self) -> None:

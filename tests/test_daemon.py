@@ -8,6 +8,7 @@ record of nixos-rebuild runs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -182,6 +183,31 @@ def test_sigterm_during_an_apply_cancels_and_rolls_back(
     state = load_state(fake_system.settings)
     assert state.applied == frozenset() and state.in_progress is None
     assert fake_system.current() == fake_system.initial_system.resolve()
+
+
+def test_status_keeps_the_stop_message_while_an_apply_finishes(
+    make_daemon: Any, netns: str, fake_system: FakeSystem, notify_socket: NotifyListener
+) -> None:
+    fake_system.hold()
+    daemon = make_daemon(_rule(settle=0.1), notifier=Notifier(notify_socket.env()))
+    _veth(netns, up=True)
+    assert daemon.run_until(lambda: daemon.applying == 1, 10)
+    assert eventually(lambda: bool(fake_system.records("waiting")))  # the worker's thread
+    daemon.signal(signal.SIGTERM)
+    daemon.step(1)
+    stopping = notify_socket.wait_for("STOPPING", "1")["STATUS"]
+    assert stopping.startswith("stopping: waiting for apply #1")
+    fake_system.release()
+    assert daemon.run_until(lambda: daemon.stopped, 30)
+    daemon.close()
+    notify_socket.sock.settimeout(0.5)
+    with contextlib.suppress(TimeoutError):  # whatever else was sent
+        while True:
+            notify_socket.messages.append({"raw": notify_socket.sock.recv(4096).decode()})
+    after = notify_socket.messages[
+        notify_socket.messages.index({"STOPPING": "1", "STATUS": stopping}) + 1 :
+    ]
+    assert not any("STATUS=" in m.get("raw", "") for m in after), after
 
 
 def test_sigterm_lets_a_short_apply_finish(
