@@ -217,3 +217,36 @@ def test_device_from_pyudev_strips_sys_and_event_keys(udevd: None) -> None:
     assert device.sysname == "lo"
     assert dict(device.attributes) == {"mtu": lo.attributes.asstring("mtu")}
     assert "no_such_attribute" not in device.attributes
+
+
+def test_a_failed_re_enumeration_is_retried_not_raised(
+    udevd: None, veth_names: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import pyudev
+
+    from runtime_modules import _udev_source
+
+    context = pyudev.Context()
+    needs = Needs(subsystems=frozenset({"net"}))
+    source = UdevSource(context, needs, receive_buffer=1)
+    a, b = veth_names
+    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+    for n in range(6):
+        subprocess.run(["ip", "link", "set", a, "mtu", str(1400 + n)], check=True)
+    subprocess.run(["udevadm", "settle", "--timeout=10"], check=True)
+
+    # No real fault makes libudev's enumeration fail on demand (sysfs read errors): simulate one.
+    def fails(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_udev_source, "enumerate_devices", fails)
+    assert source.read() == []  # the overrun's re-enumeration failed: said, not raised
+    assert source.resync_due is not None
+    monkeypatch.undo()
+    source.resync_due = time.monotonic()  # the daemon's timer calls read() when it is due
+    changes = source.read()
+    assert source.resync_due is None
+    assert len(changes) == 1 and isinstance(changes[0], WorldReplaced)
+    assert {a, b} <= {d.sysname for d in changes[0].devices or ()}
