@@ -283,9 +283,13 @@ class ControlServer:
         try:
             probe.settimeout(1.0)
             probe.connect(str(self.path))
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(self.path)  # nobody listens: left behind by a daemon that was killed
             return
+        except FileNotFoundError:
+            return  # gone meanwhile
+        except OSError:
+            pass  # a timeout (a full backlog) or anything else: someone may listen; keep it
         finally:
             probe.close()
         raise ControlError(

@@ -274,6 +274,34 @@ def test_stale_socket_is_replaced_and_a_live_one_is_not(
     assert status_works(run)
 
 
+def test_a_busy_daemon_keeps_its_socket(sock_dir: Path) -> None:
+    # A live daemon whose backlog is full (a stuck loop): the probe times out, and a timeout is
+    # no proof that nobody listens. Only a refused connection is.
+    path = sock_dir / "control.sock"
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(str(path))
+    busy.listen(0)
+    inode = path.stat().st_ino
+    queued = []
+    try:
+        for _ in range(8):  # fill the backlog (never accepted)
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        with pytest.raises(ControlError, match="another runtime-modules daemon is already running"):
+            ControlServer(path, FakeDaemon()).open()
+        assert path.stat().st_ino == inode  # not unlinked (and replaced)
+    finally:
+        for c in queued:
+            c.close()
+        busy.close()
+
+
 def test_a_file_in_the_way_is_not_removed(sock_dir: Path) -> None:
     path = sock_dir / "control.sock"
     path.write_text("precious")
