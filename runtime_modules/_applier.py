@@ -351,6 +351,9 @@ class Applier:
             return self._build_failed(
                 ctx, state, goal, build, system_before=system_before, log=log, hooks=hooks
             )
+        # Recovery must know the activated system too, to tell it from a switch by hand.
+        with contextlib.suppress(StateError, OSError):
+            save_state(self.settings, state.with_(in_progress=replace(progress, built=built)))
         switch = Path(built) / "bin" / "switch-to-configuration"
         log.flush_tail()
         log.write(f"# activating: {switch} test")
@@ -800,8 +803,12 @@ class Applier:
             **self._fields(ctx, ip.before, ip.target),
         )
         uncertain = None
+        now = current_system(self.settings)
+        by_hand = now is not None and now not in (ip.system_before, ip.built)
         if ip.system_before is None:
             rolled_back, problem = False, "no previous system was recorded"
+        elif by_hand:  # rolling back would undo someone's `nixos-rebuild switch`
+            rolled_back, problem = False, ""
         else:
             rolled_back, problem = self._roll_back(ip.system_before, ctx, log)
         system_after = current_system(self.settings)
@@ -809,6 +816,15 @@ class Applier:
             result = ApplyResult.FAILED
             message = f"{interrupted}; rolled back to {ip.system_before}; {log.where()}"
             event = JournalEvent.APPLY_ROLLED_BACK
+        elif by_hand:
+            result = ApplyResult.FAILED
+            message = (
+                f"{interrupted}; the running system is now {now}, neither the previous one nor "
+                "the one built, so it was switched by hand meanwhile and is not rolled back; run "
+                f"`runtime-modules rebuild` to make it match; {log.where()}"
+            )
+            event = JournalEvent.APPLY_FAILED
+            uncertain = f"switched by hand during an interrupted apply: the running system is {now}"
         else:
             result = ApplyResult.ROLLBACK_FAILED
             message = (

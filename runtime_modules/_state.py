@@ -105,6 +105,7 @@ class InProgress:
     log_path: str | None = None
     rebuild_pgid: int | None = None  # nixos-rebuild's process group, once it runs
     rebuild_start: int | None = None
+    built: str | None = None  # the system being activated, once the build is done
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

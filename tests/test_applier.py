@@ -588,3 +588,52 @@ def test_journal_entries_of_one_apply(
     assert last["RUNTIME_MODULES_RESULT"] == "failed"
     assert last["RUNTIME_MODULES_AFTER"] == "gaming"
     assert last["MESSAGE"] == bad.message
+
+
+@pytest.mark.parametrize("running", ["built", "by hand"])
+def test_recovery_rolls_back_the_built_system_but_not_a_hand_switch(
+    fake_system: FakeSystem, running: str
+) -> None:
+    def system() -> Path:
+        return make_system(
+            fake_system.systems_dir,
+            imports=[],
+            record_file=fake_system.record_file,
+            link=fake_system.link,
+            control_dir=fake_system.control_file.parent,
+        )
+
+    built, by_hand = system(), system()
+    # What a SIGKILL during the activation leaves, the activation having finished (or someone
+    # having run `nixos-rebuild switch` meanwhile).
+    save_state(
+        fake_system.settings,
+        load_state(fake_system.settings).with_(
+            in_progress=InProgress(
+                apply_id="dead-2",
+                pid=2**22 + 1,  # above pid_max's default: no such process
+                pid_start=None,
+                started=time.time(),
+                reason="killed",
+                before=frozenset(),
+                target=frozenset({"gaming"}),
+                system_before=str(fake_system.initial_system),
+                built=str(built),
+            )
+        ),
+    )
+    fake_system.link.unlink()
+    fake_system.link.symlink_to(built if running == "built" else by_hand)
+    outcome = _applier(fake_system).recover()
+    assert outcome is not None and outcome.result is ApplyResult.FAILED
+    state = load_state(fake_system.settings)
+    assert state.in_progress is None and state.applied == frozenset()
+    if running == "built":
+        assert "rolled back to" in outcome.message
+        assert fake_system.current() == fake_system.initial_system
+        assert state.uncertain is None
+    else:
+        assert "switched by hand meanwhile and is not rolled back" in outcome.message
+        assert fake_system.records("switch") == []
+        assert fake_system.current() == by_hand
+        assert state.uncertain is not None
