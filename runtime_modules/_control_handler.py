@@ -56,7 +56,7 @@ from ._control_server import ControlServer, Reply
 from ._daemon_events import ActionTaken, ApplyDone, ApplyOutput, Notice
 from ._errors import ConfigError, ControlError, ExitCode, RuntimeModulesError, UnknownModuleError
 from ._journal import JournalEvent
-from ._overrides import Overrides, OverrideState, OverrideStore
+from ._overrides import Overrides, OverrideState, OverrideStore, check_until
 from ._reconciler_events import (
     ApplyCancelled,
     ApplyGivenUp,
@@ -264,6 +264,9 @@ class ControlHandler:
         registry.check_known(request.modules)
         now = self.wall()
         until = None if request.until is None else request.until.timestamp()
+        if until is not None:
+            # Any client may send any moment: the same cap as the CLI's, before it is printed.
+            check_until(until, now, f"{request.op}: until {request.until}")
         if until is not None and until <= now:
             raise ConfigError(
                 f"{request.op}: the pin would end at {local_time(until, now)}, which has passed; "

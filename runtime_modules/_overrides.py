@@ -58,6 +58,7 @@ __all__ = [
     "OverrideStore",
     "Overrides",
     "StoredOverride",
+    "check_until",
     "monotonic_deadline",
     "parse_for",
     "parse_until",
@@ -523,6 +524,20 @@ def parse_for(text: str) -> float:
     return seconds
 
 
+# The furthest a timed pin may end: a year (a leap one) covers every real use, and keeps every
+# moment printable (datetime stops at the year 9999; the wire's offsets could push past it).
+MAX_PIN_SECONDS = 366 * 24 * 3600.0
+
+
+def check_until(until: float, now: float, what: str) -> None:
+    """Refuse a pin end more than ``MAX_PIN_SECONDS`` after ``now`` (a ConfigError)."""
+    if until - now > MAX_PIN_SECONDS:
+        raise ConfigError(
+            f"{what}: more than a year from now; pin without a time limit instead (and "
+            "`runtime-modules auto MODULE` to hand it back)"
+        )
+
+
 def parse_until(text: str, now: datetime) -> datetime:
     """The moment an ``--until`` value names, as an aware datetime after ``now`` (aware).
 
@@ -530,7 +545,8 @@ def parse_until(text: str, now: datetime) -> datetime:
     An ISO date and time without an offset is local time.
 
     Raises:
-        ConfigError: not such a time, or the ISO moment is not in the future.
+        ConfigError: not such a time, or the ISO moment is not in the future, or is more than
+            a year ahead (``MAX_PIN_SECONDS``).
     """
     if now.tzinfo is None:
         raise ValueError("now must be an aware datetime")
@@ -550,6 +566,7 @@ def parse_until(text: str, now: datetime) -> datetime:
         raise ConfigError(f"--until {text!r}: {_UNTIL_HELP}") from None
     if moment <= now:
         raise ConfigError(f"--until {text!r}: that moment has passed; give a time in the future")
+    check_until(moment.timestamp(), now.timestamp(), f"--until {text!r}")
     return moment
 
 

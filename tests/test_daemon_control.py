@@ -569,6 +569,21 @@ def test_events_stream_what_happens(
     assert done.data["after"] == ["gaming"] and done.data["journal_id"]
 
 
+def test_a_pin_past_a_year_is_refused_by_the_daemon_too(
+    start_daemon: Callable[..., DaemonThread], public_state: Settings
+) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from runtime_modules._control_protocol import EnableRequest
+    from runtime_modules._errors import ConfigError
+
+    start_daemon()
+    client = ControlClient(public_state.control_socket, answer_timeout=10.0, idle_timeout=10.0)
+    far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-14)))
+    with pytest.raises(ConfigError, match="more than a year from now"):  # not "internal error"
+        client.call(EnableRequest(modules=["gaming"], until=far))
+
+
 def test_pins_follow_the_wall_clock_when_it_is_set(
     start_daemon: Callable[..., DaemonThread],
     public_state: Settings,

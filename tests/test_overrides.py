@@ -415,6 +415,8 @@ def test_until_iso_moment() -> None:
         ("6pm", "expected a time of day like 18:00"),
         ("2026-13-01T00:00", "expected a time of day like 18:00"),
         ("2026-04-30T00:00Z", "has passed"),
+        ("2027-05-03T00:00Z", "more than a year from now"),
+        ("9999-12-31T23:59:59-14:00", "more than a year from now"),  # past year 9999 in UTC
     ],
 )
 def test_bad_until_says_what_is_expected(text: str, message: str) -> None:
