@@ -309,7 +309,11 @@ class Daemon:
         self.sources.open(needs, world)
         state = load_state(self.settings, journal=self.journal)
         self.applied = state.applied
-        reconciler = self._reconciler if self._reconciler is not None else Reconciler()
+        reconciler = (
+            self._reconciler
+            if self._reconciler is not None
+            else Reconciler(first_apply_id=self._last_apply_id() + 1)
+        )
         self.pipeline = Pipeline(rules, reconciler, world)
         now = self.clock()
         # Pins and pause before the world: nothing is decided before the first truth, so a
@@ -488,8 +492,30 @@ class Daemon:
             if isinstance(action, StartApply):
                 # Started before the listeners hear of it, so that they see it running.
                 self._worker.start(self.applier, action, _reason(action.reasons))
+                self._save_apply_id(action.apply_id)
             if self._listeners:
                 self._notify(ActionTaken(action, now, text))
+
+    # The daemon's apply numbers ("apply #7") go on across restarts, so that journal entries and
+    # what users quote stay unique: the last one is kept beside the state file (a few bytes
+    # per apply; the state file itself belongs to the applier and names applies by time).
+    def _apply_id_file(self) -> Path:
+        return self.settings.state_dir / "daemon-apply-id"
+
+    def _last_apply_id(self) -> int:
+        try:
+            return max(0, int(self._apply_id_file().read_text().strip()))
+        except (OSError, ValueError):
+            return 0  # none yet, or unreadable: numbering starts again, nothing worse
+
+    def _save_apply_id(self, apply_id: int) -> None:
+        path = self._apply_id_file()
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(f"{apply_id}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("apply id not saved (%s): numbering restarts with the daemon", exc)
 
     def _modules_of(self, rule: str) -> tuple[str, ...]:
         if self.pipeline is None:

@@ -594,3 +594,31 @@ settle = "0.1s"
 subsystem = "net"
 sysname = "lo"
 """
+
+
+def test_apply_ids_go_on_across_restarts(make_daemon: Any, fake_system: FakeSystem) -> None:
+    from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
+
+    store = OverrideStore.from_settings(fake_system.settings)
+    root = OverrideSource(uid=0, user="root")
+    starts: list[int] = []
+
+    def run(module: str) -> None:
+        store.pin(
+            [module], OverrideState.ON, until=None, source=root, persist=False, now=time.time()
+        )
+        daemon = make_daemon(_rule(), reconciler=None, start=False)  # its own reconciler
+        daemon.subscribe(
+            lambda n: (
+                starts.append(n.action.apply_id)
+                if isinstance(n, ActionTaken) and isinstance(n.action, StartApply)
+                else None
+            )
+        )
+        daemon.start()
+        assert daemon.run_until(lambda: module in daemon.applied, 10)  # a pin skips quiet
+        daemon.close()
+
+    run("gaming")
+    run("podman")
+    assert starts == [1, 2]
