@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import selectors
@@ -81,15 +82,21 @@ class Peer:
 
     @cached_property
     def user(self) -> str:
-        import pwd
-
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return str(self.uid)
+        return _user_name(self.uid)
 
     def source(self, command: str = "") -> OverrideSource:
         return OverrideSource(uid=self.uid, user=self.user, command=command)
+
+
+@functools.lru_cache(maxsize=64)
+def _user_name(uid: int) -> str:
+    """The name of ``uid``, looked up once: an NSS lookup (LDAP, sssd) may block the loop."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _peer_groups(sock: socket.socket, pid: int, uid: int, gid: int) -> set[int]:

@@ -9,6 +9,7 @@ matches (the devices and links that made it hold) are remembered from its activa
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TextIO
@@ -57,6 +58,7 @@ class DecisionLog:
         self._holding = holding
         self._modules_of = modules_of
         self._matches: dict[str, tuple[str, ...]] = {}  # rule -> what made it active last
+        self.dropped = 0  # lines not echoed: the reader of ``out`` did not keep up
 
     def record(self, action: Action, now: float, applied: frozenset[str]) -> str:
         """Journal and echo ``action``; returns its readable line."""
@@ -111,11 +113,37 @@ class DecisionLog:
         if self.out is None:
             return
         stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+        # The loop must never wait for a reader (`watch --dry-run | less`, paused): a line that
+        # would block is dropped and counted, and the next one that fits says how many.
+        if not _writable(self.out):
+            self.dropped += 1
+            return
+        line = f"{stamp}  {text}\n"
+        if self.dropped:
+            line = f"{stamp}  ({self.dropped} lines dropped: the output was not read)\n" + line
         try:
-            self.out.write(f"{stamp}  {text}\n")
+            self.out.write(line)
             self.out.flush()
         except (OSError, ValueError):  # stdout closed (a pipe whose reader left): stop echoing
             self.out = None
+            return
+        self.dropped = 0
+
+
+def _writable(out: TextIO) -> bool:
+    """Whether a line can be written to ``out`` now without blocking.
+
+    A pipe polls writable while a page (4 KiB) is free, and a line is shorter: the write does
+    not block. Files and terminals are always writable; an object without a descriptor too.
+    """
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation (StringIO) is both
+        return True
+    try:
+        return bool(select.select([], [fd], [], 0)[1])
+    except (OSError, ValueError):
+        return True  # let the write find out (and stop echoing)
 
 
 # --- describing decisions ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 import re
+import time as clock
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
@@ -72,6 +73,9 @@ log = logging.getLogger("runtime_modules.overrides")
 MAX_FILE_BYTES = 1024 * 1024
 FILE_VERSION: Literal[1] = 1
 KEEP_BAD_COPIES = 5  # bad files kept aside per layer; older ones are deleted
+# How long a change waits for the overrides lock: its holders write one small file, so a lock
+# held this long is stuck (and the daemon's loop must not wait longer).
+LOCK_PATIENCE = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -488,7 +492,21 @@ class OverrideStore:
         except OSError as exc:
             raise StateError(f"{lock}: cannot lock the overrides: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            # Not a blocking LOCK_EX: the daemon's loop takes this lock, and a stuck holder must
+            # cost a clear error, not the loop. Holders keep it for one small file write.
+            deadline = clock.monotonic() + LOCK_PATIENCE
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if clock.monotonic() >= deadline:
+                        raise StateError(
+                            f"{lock}: the overrides are locked by another process for over "
+                            f"{LOCK_PATIENCE:g}s; try again, or see who holds it with "
+                            f"`fuser {lock}`"
+                        ) from None
+                    clock.sleep(0.01)
             yield
         finally:
             os.close(fd)  # closing releases the flock

@@ -622,3 +622,35 @@ def test_apply_ids_go_on_across_restarts(make_daemon: Any, fake_system: FakeSyst
     run("gaming")
     run("podman")
     assert starts == [1, 2]
+
+
+def test_echo_never_waits_for_a_reader_that_does_not_read(tmp_path: Path) -> None:
+    import io
+    import threading
+
+    from runtime_modules._decision_log import DecisionLog
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 4096)  # the reader is paused (`watch --dry-run | less`)
+    os.set_blocking(w, True)
+    out = os.fdopen(w, "w")
+    journal = Journal(socket_path=tmp_path / "no-journal.socket", stderr=io.StringIO())
+    log = DecisionLog(journal, out, dry_run=True, holding=lambda r: (), modules_of=lambda r: ())
+    echo = threading.Thread(target=log.echo, args=("rule dock holds",), daemon=True)
+    echo.start()
+    echo.join(5)
+    assert not echo.is_alive()  # it did not block the loop
+    assert log.dropped == 1
+    with os.fdopen(r, "rb") as reader:
+        os.set_blocking(r, False)
+        with contextlib.suppress(BlockingIOError):
+            while reader.read(65536):
+                pass
+        log.echo("apply #2 would start")
+        text = reader.read(65536).decode()
+    out.close()
+    assert "(1 lines dropped: the output was not read)" in text and "apply #2 would start" in text
+    assert log.dropped == 0

@@ -50,6 +50,26 @@ def store(tmp_path: Path, warnings: list[str]) -> OverrideStore:
 # --- the store -----------------------------------------------------------------------------
 
 
+def test_a_stuck_lock_holder_costs_an_error_not_a_hang(
+    store: OverrideStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    import runtime_modules._overrides as overrides
+
+    monkeypatch.setattr(overrides, "LOCK_PATIENCE", 0.2)  # 2 s in production
+    store.set_paused(False, now=T0)  # makes the files and the lock
+    lock = store.runtime_file.with_name(store.runtime_file.name + ".lock")
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's writer, stuck
+        with pytest.raises(StateError, match=r"locked by another process for over 0\.2s"):
+            store.set_paused(True, now=T0)
+    finally:
+        os.close(fd)
+    assert store.set_paused(True, now=T0).paused  # free again: it works
+
+
 def test_no_files_means_no_pins_and_no_warning(store: OverrideStore, warnings: list[str]) -> None:
     view = store.load(T0)
     assert dict(view.pins) == {}
