@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -380,3 +381,26 @@ def test_status_names_a_pin_the_registry_no_longer_lists(
     ) in capsys.readouterr().out.splitlines()
     assert main(["status", "gaming"]) == ExitCode.OK  # asked about one module: only that one
     assert "oldmod" not in capsys.readouterr().out
+
+
+def test_the_user_is_named_as_the_daemon_names_its_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime_modules._cli._common import current_user
+
+    monkeypatch.setenv("SUDO_USER", "alice")
+    assert current_user() == "alice"  # the person behind sudo
+    monkeypatch.delenv("SUDO_USER")
+    assert current_user() == pwd.getpwuid(os.getuid()).pw_name
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return
+    code = "from runtime_modules._cli._common import current_user; print(current_user())"
+    done = subprocess.run(
+        ["setpriv", "--reuid=54321", "--regid=54321", "--clear-groups", sys.executable, "-c", code],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "SUDO_USER"} | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"uid 54321 cannot run this Python: {done.stderr.strip()[-200:]}")
+    assert done.stdout == "54321\n"  # no such user: the uid, as Peer.user says it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+def current_user() -> str:
+    """Who runs the command: SUDO_USER under sudo (the person; the uid recorded stays the real
+    one), else the real uid's name, else the uid itself, as the daemon records its peers."""
+    import pwd
+
+    if user := os.environ.get("SUDO_USER"):
+        return user
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())

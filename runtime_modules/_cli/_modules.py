@@ -14,7 +14,6 @@ lock*, so two concurrent ``enable``s both land.
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import shutil
 import signal
@@ -35,7 +34,7 @@ from .._registry import load_registry
 from .._settings import Settings
 from .._state import load_state
 from .._status import JSON_VERSION, local_time, module_brief, status_json
-from ._common import add_verb, print_json
+from ._common import add_verb, current_user, print_json
 from ._overrides import (
     add_pin_flags,
     change_request,
@@ -304,7 +303,7 @@ def _change(verb: str, args: argparse.Namespace, settings: Settings, target: Tar
     if timeout is not None:
         settings = settings.with_(apply_timeout=timeout)
     what = verb + "".join(f" {n}" for n in sorted(set(names)))
-    reason = f"{what} (runtime-modules by {_user()})"
+    reason = f"{what} (runtime-modules by {current_user()})"
     if not args.dry_run:
         # Pinned first, so that a daemon started meanwhile or later keeps it instead of undoing it.
         ensure_can_change(settings, sudo=args.sudo)
@@ -404,16 +403,6 @@ def _timeout(text: str) -> float:
     return seconds
 
 
-def _user() -> str:
-    user = os.environ.get("SUDO_USER")
-    if user:
-        return user
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
-
-
 def _journal(settings: Settings) -> Journal:
     return Journal.for_level(settings.log_level)
 
@@ -443,7 +432,7 @@ def ensure_can_change(settings: Settings, *, sudo: bool) -> None:
         _reexec_with_sudo()
     raise PermissionDeniedError(
         f"changing modules needs root ({settings.state_dir} is not writable by "
-        f"{_user()}); run `sudo runtime-modules …`, or add --sudo"
+        f"{current_user()}); run `sudo runtime-modules …`, or add --sudo"
     )
 
 

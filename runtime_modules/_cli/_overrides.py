@@ -47,7 +47,7 @@ from .._control_protocol import (
 from .._errors import ConfigError, ExitCode, NoDaemonError, UnknownModuleError
 from .._registry import MODULE_NAME
 from .._settings import Settings
-from ._common import add_verb, print_json
+from ._common import add_verb, current_user, print_json
 
 # Past the daemon's own apply timeout, silence means it is gone or hung; a minute of slack covers
 # the rollback after a timeout.
@@ -192,7 +192,7 @@ def record_change(settings: Settings, request: Request, *, now: float) -> None:
 
     store = OverrideStore.from_settings(settings, warn=warn)
     if isinstance(request, EnableRequest | DisableRequest):
-        source = OverrideSource(uid=os.getuid(), user=_user(), command=request.command)
+        source = OverrideSource(uid=os.getuid(), user=current_user(), command=request.command)
         store.pin(
             request.modules,
             OverrideState.ON if isinstance(request, EnableRequest) else OverrideState.OFF,
@@ -203,18 +203,6 @@ def record_change(settings: Settings, request: Request, *, now: float) -> None:
         )
     elif isinstance(request, ResetRequest):
         store.reset(now=now)
-
-
-def _user() -> str:
-    import pwd
-
-    # Under sudo, the person is SUDO_USER; the uid recorded stays the real one (root).
-    if user := os.environ.get("SUDO_USER"):
-        return user
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
 
 
 # --- talking to the daemon -----------------------------------------------------------------
