@@ -1,7 +1,10 @@
 """The apply lock: one apply at a time on this machine, across the CLI and the daemon.
 
-An ``fcntl.flock`` on ``<state dir>/apply.lock``. The holder writes who it is into the file, so a
-caller that must not wait can name it. The kernel drops the lock when the last descriptor closes:
+An ``fcntl.flock`` on ``<state dir>/apply.lock``, a file only root may open (0600): a shared lock
+needs only read access, so a readable lock file would let any user hold off every apply. The
+holder writes who it is into ``apply.lock.holder`` (0644), so a caller that must not wait, or a
+``status`` of any user, can name it; whether the lock is held is read from ``/proc/locks``, never
+by taking the lock. The kernel drops the lock when the last descriptor closes:
 the applier hands its descriptor to ``nixos-rebuild`` too, so a rebuild orphaned by a killed
 applier keeps the machine locked until it ends (or until recovery kills it), and no second rebuild
 can start beside it.
@@ -27,9 +30,6 @@ from ._errors import LockBusyError, PermissionDeniedError, StateError
 # terms, long enough to cost nothing. Polling (not a blocking flock) lets a cancel stop the wait.
 POLL_INTERVAL = 0.05
 WAIT_CHECK_INTERVAL = 1.0  # how often a waiter looks for a holder that died (see Applier)
-# A caller that must not wait still retries this long: `lock_holder` (a `status`) holds a shared
-# lock for microseconds, which must not look like a running apply.
-NO_WAIT_GRACE = 0.1
 _MAX_HOLDER_BYTES = 4096  # we write ~150 bytes; more is not ours
 
 
@@ -45,10 +45,14 @@ class LockHolder:
         return f"pid {self.pid} ({self.command}), apply {self.apply_id}, since {when}"
 
 
+def holder_file(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".holder")
+
+
 def read_holder(path: Path) -> LockHolder | None:
-    """Who wrote into the lock file last (meaningful only while the lock is held)."""
+    """Who took the lock at ``path`` last (meaningful only while the lock is held)."""
     try:
-        with path.open("rb") as f:
+        with holder_file(path).open("rb") as f:
             data = json.loads(f.read(_MAX_HOLDER_BYTES))
         return LockHolder(
             pid=int(data["pid"]),
@@ -81,7 +85,7 @@ class ApplyLock:
     def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except PermissionError:
             raise PermissionDeniedError(
                 f"{self.path}: changing modules needs root (the apply lock is root's); "
@@ -96,6 +100,9 @@ class ApplyLock:
             raise StateError(
                 f"{self.path}: cannot open the apply lock: {exc.strerror}; {hint}"
             ) from None
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o600)  # a lock file left readable by an older version
+        return fd
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free; never waits."""
@@ -128,12 +135,11 @@ class ApplyLock:
         ``while_waiting`` is called about once a second while the lock is busy.
         """
         next_check = time.monotonic() + WAIT_CHECK_INTERVAL
-        busy_until = time.monotonic() + NO_WAIT_GRACE
         while not self.try_acquire():
             if wait and while_waiting is not None and time.monotonic() >= next_check:
                 while_waiting()
                 next_check = time.monotonic() + WAIT_CHECK_INTERVAL
-            if not wait and time.monotonic() >= busy_until:
+            if not wait:
                 holder = read_holder(self.path)
                 who = holder.describe() if holder else "another process (holder unknown)"
                 raise LockBusyError(
@@ -158,15 +164,20 @@ class ApplyLock:
         data = json.dumps(record).encode() + b"\n"
         # Best effort: a full disk must not stop an apply that can otherwise run.
         with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, data, 0)
+            fd = os.open(
+                holder_file(self.path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+            )
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
 
     def release(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+            holder_file(self.path).unlink()
         os.close(fd)  # the flock goes with the last descriptor
 
     def __enter__(self) -> ApplyLock:
@@ -177,20 +188,25 @@ class ApplyLock:
 
 
 def lock_holder(path: Path) -> LockHolder | None:
-    """Who holds the apply lock right now, or None when it is free (never takes it for long).
+    """Who holds the apply lock right now, or None when it is free; never touches the lock.
 
-    Opens the file read-only, so that users who may not apply can still see who does.
+    Anyone may ask (``status`` of an unprivileged user): the lock file is only stat'ed and the
+    kernel's table of locks read.
     """
+    if not _is_locked(path):
+        return None
+    return read_holder(path) or LockHolder(pid=0, command="?", apply_id="?", since=0.0)
+
+
+def _is_locked(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
     except OSError:
-        return None
+        return False
+    # /proc/locks names a lock's file as "MAJOR:MINOR:INODE", device numbers in hex (proc(5)).
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return read_holder(path) or LockHolder(pid=0, command="?", apply_id="?", since=0.0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            return any("FLOCK" in line and key in line.split() for line in f)
+    except OSError:  # no /proc: say what the holder file says
+        return holder_file(path).exists()
