@@ -470,14 +470,10 @@ class ControlHandler:
     def _expired(self, module: str) -> None:
         """The reconciler let ``module``'s pin go at its time: remove it from the store too."""
         pin = self.view.pins.get(module)
-        # The daemon's clock decided; the wall clock may lag it by a hair, so use the pin's end.
-        now = max(self.wall(), pin.until if pin is not None and pin.until is not None else 0.0)
-        try:
-            _, view = self.store.expire(now)
-        except RuntimeModulesError as exc:
-            self.daemon.warn(f"expired override not removed from the store: {exc}")
+        expired = self._expire_stored(pin.until if pin is not None else None)
+        if expired is None:
             return
-        self.view = view
+        _, self.view = expired
         self._broadcast(
             EventMessage(
                 time=self.wall(),
@@ -487,19 +483,31 @@ class ControlHandler:
             )
         )
 
+    def _expire_stored(self, end: float | None) -> tuple[list[str], Overrides] | None:
+        """Drop the pins that ended by ``end`` from the store; None (warned) when it failed.
+
+        The daemon's clock decided that ``end`` came; the wall clock may lag it by a hair, so
+        the store expires at the later of the two.
+        """
+        try:
+            gone, view = self.store.expire(max(self.wall(), end or 0.0))
+        except RuntimeModulesError as exc:
+            self.daemon.warn(f"expired override not removed from the store: {exc}")
+            return None
+        return gone, view
+
     def _next_reveal(self) -> float | None:
         reveal = self.view.next_reveal()
         return None if reveal is None else reveal - self._offset
 
     def _reveal(self, now: float) -> None:
         """A runtime pin over a persistent one ended: the persistent one is in force again."""
-        reveal = self.view.next_reveal()
-        try:
-            gone, view = self.store.expire(max(self.wall(), reveal or 0.0))
-        except RuntimeModulesError as exc:
-            self.daemon.warn(f"expired override not removed from the store: {exc}")
-            view = replace(self.view, shadowed={})  # feed it without the timer, not in a loop
-            gone = []
+        expired = self._expire_stored(self.view.next_reveal())
+        gone: list[str] = []
+        if expired is None:  # fed without the timer, so that it does not fire in a loop
+            view = replace(self.view, shadowed={})
+        else:
+            gone, view = expired
         for module in gone:
             self.daemon.journal.send(
                 JournalEvent.OVERRIDE_EXPIRED,
