@@ -330,13 +330,7 @@ class Applier:
         log = OutputLog(log_path)
         self._prune_logs(keep=log_path)
         try:
-            write_flake(
-                self.settings.flake_dir,
-                base_url=self.registry.flake,
-                host=self.registry.host,
-                modules=goal,
-                registry=self.settings.registry,
-            )
+            self._write_flake(goal)
         except (OSError, ConfigError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             message = (
@@ -703,6 +697,15 @@ class Applier:
             target=applied,
         )
 
+    def _write_flake(self, goal: frozenset[str]) -> None:
+        write_flake(
+            self.settings.flake_dir,
+            base_url=self.registry.flake,
+            host=self.registry.host,
+            modules=goal,
+            registry=self.settings.registry,
+        )
+
     def _dry_run(self, ctx: _Context, state: State, goal: frozenset[str]) -> ApplyOutcome:
         """Everything but nixos-rebuild and hooks (they act on the real system).
 
@@ -712,13 +715,7 @@ class Applier:
         before = state.applied
         system = current_system(self.settings)
         try:
-            write_flake(
-                self.settings.flake_dir,
-                base_url=self.registry.flake,
-                host=self.registry.host,
-                modules=goal,
-                registry=self.settings.registry,
-            )
+            self._write_flake(goal)
         except (OSError, ConfigError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             result, after, event = ApplyResult.FAILED, before, JournalEvent.APPLY_FAILED
