@@ -4,7 +4,7 @@ With a daemon running, ``auto``/``pause``/``resume`` go to it over the control s
 command shows its progress until the apply is done (or returns at once with ``--no-wait``).
 With none, they change the override store directly, which the daemon reads when it starts: no
 rule runs without the daemon, so there is nothing to apply now. ``events`` needs the daemon.
-``history`` reads the journal and needs nothing else.
+``history`` reads the journal and needs nothing else (``_history``).
 
 ``enable``/``disable``/``reset``/``rebuild`` (in ``_modules``) use from here: the
 ``--for``/``--until``/``--persist`` flags (``add_pin_flags``), ``change_request`` to build their
@@ -16,13 +16,10 @@ user's choice instead of undoing it. The verbs without and with a daemon: docs/c
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,10 +41,11 @@ from .._control_protocol import (
     ResumeRequest,
     StatusResponse,
 )
-from .._errors import ConfigError, ExitCode, NoDaemonError, UnknownModuleError
+from .._errors import ExitCode, NoDaemonError, UnknownModuleError
 from .._registry import MODULE_NAME
 from .._settings import Settings
-from ._common import add_verb, current_user, print_json
+from . import _history
+from ._common import add_verb, current_user, format_duration, print_json
 
 # Past the daemon's own apply timeout, silence means it is gone or hung; a minute of slack covers
 # the rollback after a timeout.
@@ -108,7 +106,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         default="runtime-modules",
         help="the SYSLOG_IDENTIFIER of the entries (default runtime-modules)",
     )
-    p.set_defaults(func=cmd_history)
+    p.set_defaults(func=_history.cmd_history)
 
 
 def _no_wait(p: argparse.ArgumentParser) -> None:
@@ -264,16 +262,6 @@ def show_answers(answers: Iterable[Any]) -> int:
     return code
 
 
-def format_duration(seconds: float) -> str:
-    """Seconds as "45s", "12m05s", "2h03m": short, for progress and history."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
 def _command(verb: str, *parts: str) -> str:
     return " ".join((verb, *parts))
 
@@ -367,141 +355,3 @@ def _check_names(names: Sequence[str], settings: Settings) -> None:
     for name in names:
         if name not in known:
             raise UnknownModuleError(unknown_module_message(name, known))
-
-
-# --- history -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HistoryEntry:
-    apply_id: str
-    started: float  # wall clock, Unix time
-    before: tuple[str, ...]
-    after: tuple[str, ...]
-    reason: str
-    result: str  # the applier's ApplyResult value, or "in-progress"
-    duration: float | None
-    message: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "apply_id": self.apply_id,
-            "time": datetime.fromtimestamp(self.started).astimezone().isoformat(),
-            "started": self.started,
-            "before": list(self.before),
-            "after": list(self.after),
-            "reason": self.reason,
-            "result": self.result,
-            "duration": self.duration,
-            "message": self.message,
-        }
-
-
-def _history_ids() -> tuple[list[str], set[str]]:
-    """The MESSAGE_IDs an apply's history is made of: its start, and each way it can end."""
-    from .._journal import JournalEvent as E
-
-    ends = [
-        E.APPLY_SUCCEEDED,
-        E.APPLY_UNCHANGED,
-        E.APPLY_FAILED,
-        E.APPLY_ROLLED_BACK,
-        E.ROLLBACK_FAILED,
-        E.APPLY_VETOED,
-    ]
-    return [E.APPLY_STARTED.message_id, *(e.message_id for e in ends)], {e.message_id for e in ends}
-
-
-def read_history(
-    *, identifier: str, since: str | None = None, journalctl: Sequence[str] = ("journalctl",)
-) -> list[HistoryEntry]:
-    """Every apply in the journal, oldest first, from its start and end entries."""
-    ids, end_ids = _history_ids()
-    argv = [*journalctl, "-o", "json", "--no-pager", "--quiet", f"SYSLOG_IDENTIFIER={identifier}"]
-    argv += [f"MESSAGE_ID={i}" for i in ids]  # same field: OR'd; with the identifier: AND'd
-    if since:
-        argv.append(f"--since={since}")
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, errors="replace")
-    except FileNotFoundError:
-        raise ConfigError(
-            "journalctl is not installed; `history` reads the systemd journal"
-        ) from None
-    if proc.returncode != 0 and not proc.stdout:
-        detail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        raise ConfigError(f"journalctl failed: {detail[0]}")
-    applies: dict[str, dict[str, Any]] = {}
-    for line in proc.stdout.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        apply_id = _text(entry.get("RUNTIME_MODULES_APPLY_ID"))
-        if not apply_id:
-            continue
-        record = applies.setdefault(apply_id, {})
-        mid = _text(entry.get("MESSAGE_ID"))
-        record.setdefault("first", entry)
-        if mid in end_ids:
-            record["end"] = entry  # a rollback logs "failed" and then "rolled back": keep the last
-    return [_entry(apply_id, r["first"], r.get("end")) for apply_id, r in applies.items()]
-
-
-def _entry(apply_id: str, first: dict[str, Any], end: dict[str, Any] | None) -> HistoryEntry:
-    last = end if end is not None else first
-    try:
-        started = int(_text(first.get("__REALTIME_TIMESTAMP")) or 0) / 1e6
-    except ValueError:
-        started = 0.0
-    duration: float | None = None
-    if end is not None:
-        try:
-            duration = int(_text(end.get("RUNTIME_MODULES_DURATION_MS"))) / 1000
-        except ValueError:
-            duration = None
-    return HistoryEntry(
-        apply_id=apply_id,
-        started=started,
-        before=tuple(_text(first.get("RUNTIME_MODULES_BEFORE")).split()),
-        after=tuple(_text(last.get("RUNTIME_MODULES_AFTER")).split()),
-        reason=_text(first.get("RUNTIME_MODULES_REASON")),
-        result=_text(end.get("RUNTIME_MODULES_RESULT")) if end is not None else "in-progress",
-        duration=duration,
-        message=_text(last.get("MESSAGE")),
-    )
-
-
-def _text(value: object) -> str:
-    """A journal JSON field as text: journalctl gives bytes as a list of ints, repeats as a list."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        if all(isinstance(v, int) for v in value):
-            return bytes(v & 0xFF for v in value).decode("utf-8", "replace")
-        return _text(value[-1]) if value else ""
-    return "" if value is None else str(value)
-
-
-def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    if args.limit < 1:
-        raise ConfigError(f"--limit {args.limit}: give a number of applies, 1 or more")
-    entries = read_history(identifier=args.identifier, since=args.since)[-args.limit :]
-    if args.json:
-        print_json([e.to_json() for e in entries])
-        return int(ExitCode.OK)
-    if not entries:
-        hint = "" if os.geteuid() == 0 else " (run as root or a member of systemd-journal)"
-        print(f"no applies in the journal{hint}")
-        return int(ExitCode.OK)
-    print(f"{'TIME':<19}  {'RESULT':<15}  {'TOOK':>6}  CHANGE  [WHY]")
-    for e in entries:
-        when = datetime.fromtimestamp(e.started).strftime("%Y-%m-%d %H:%M:%S")
-        took = format_duration(e.duration) if e.duration is not None else "-"
-        change = f"{_set_text(e.before)} -> {_set_text(e.after)}"
-        why = f"  [{e.reason}]" if e.reason else ""
-        print(f"{when:<19}  {e.result:<15}  {took:>6}  {change}{why}")
-    return int(ExitCode.OK)
-
-
-def _set_text(names: Sequence[str]) -> str:
-    return ",".join(names) if names else "(base)"
