@@ -35,14 +35,8 @@ from .._settings import Settings
 from .._state import load_state
 from .._status import JSON_VERSION, local_time, module_brief, status_json
 from ._common import add_verb, current_user, print_json
-from ._overrides import (
-    add_pin_flags,
-    change_request,
-    check_name_shapes,
-    daemon_client,
-    record_change,
-    route_to_daemon,
-)
+from ._overrides import add_pin_flags, change_request, check_name_shapes, record_change
+from ._route import daemon_client, route_to_daemon
 
 __all__ = ["EXIT_CODES", "JSON_VERSION", "apply_directly", "ensure_can_change"]
 

@@ -8,7 +8,7 @@ rule runs without the daemon, so there is nothing to apply now. ``events`` needs
 
 ``enable``/``disable``/``reset``/``rebuild`` (in ``_modules``) use from here: the
 ``--for``/``--until``/``--persist`` flags (``add_pin_flags``), ``change_request`` to build their
-request and ``route_to_daemon`` to send it when a daemon runs; with none, ``record_change``
+request and ``_route.route_to_daemon`` to send it when a daemon runs; with none, ``record_change``
 writes the override store before they apply directly, so that a daemon started later keeps the
 user's choice instead of undoing it. The verbs without and with a daemon: docs/control.md.
 """
@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,28 +28,21 @@ from .._control_protocol import (
     Accepted,
     AutoRequest,
     DisableRequest,
-    Done,
     EnableRequest,
     EventMessage,
     EventsRequest,
-    Ok,
     PauseRequest,
-    Progress,
     RebuildRequest,
     Request,
     ResetRequest,
     ResumeRequest,
-    StatusResponse,
 )
-from .._errors import ExitCode, NoDaemonError, UnknownModuleError
+from .._errors import ExitCode, UnknownModuleError
 from .._registry import MODULE_NAME
 from .._settings import Settings
 from . import _history
-from ._common import add_verb, current_user, format_duration, print_json
-
-# Past the daemon's own apply timeout, silence means it is gone or hung; a minute of slack covers
-# the rollback after a timeout.
-_IDLE_SLACK = 60.0
+from ._common import add_verb, current_user
+from ._route import route_to_daemon
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -201,65 +194,6 @@ def record_change(settings: Settings, request: Request, *, now: float) -> None:
         )
     elif isinstance(request, ResetRequest):
         store.reset(now=now)
-
-
-# --- talking to the daemon -----------------------------------------------------------------
-
-
-def daemon_client(settings: Settings) -> ControlClient:
-    return ControlClient(settings.control_socket, idle_timeout=settings.apply_timeout + _IDLE_SLACK)
-
-
-def route_to_daemon(
-    settings: Settings, request: Request, *, on_daemon: Callable[[], None] | None = None
-) -> int | None:
-    """Send a change to the running daemon and show it through; None when no daemon runs.
-
-    The caller applies directly on None (under the same lock the daemon uses). Errors the
-    daemon answers with are raised as ``RuntimeModulesError``s. ``on_daemon`` runs once the
-    daemon answered, before its answers are shown (for notes about flags it does not use).
-    """
-    try:
-        stream = daemon_client(settings).request(request)
-        first = next(stream)
-    except NoDaemonError:
-        return None
-    if on_daemon is not None:
-        on_daemon()
-    return show_answers(_chain(first, stream))
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
-
-
-def show_answers(answers: Iterable[Any]) -> int:
-    """Print a change's answers: progress lines (with elapsed time) on stderr, the end on stdout."""
-    code = int(ExitCode.OK)
-    for answer in answers:
-        if isinstance(answer, Accepted):
-            if answer.message:  # what will happen: "apply #3 starts: {gaming} (+gaming)"
-                print(answer.message, file=sys.stderr)
-        elif isinstance(answer, Progress):
-            stamp = f"[{format_duration(answer.elapsed):>6}]"
-            for line in answer.lines:
-                print(f"{stamp} {line}", file=sys.stderr)
-            if not answer.lines:
-                print(f"{stamp} still applying", file=sys.stderr)
-            sys.stderr.flush()
-        elif isinstance(answer, Done):
-            code = answer.exit_code
-            took = f" in {format_duration(answer.duration)}" if answer.duration else ""
-            if answer.ok:
-                print(f"{answer.message or answer.result}{took}")
-            else:
-                print(f"runtime-modules: {answer.message or answer.result}", file=sys.stderr)
-        elif isinstance(answer, Ok):
-            print(answer.message)
-        elif isinstance(answer, StatusResponse):
-            print_json(answer.status)
-    return code
 
 
 def _command(verb: str, *parts: str) -> str:
