@@ -64,6 +64,7 @@ from ._journal import Journal, JournalEvent, Priority
 from ._reconciler import Reconciler
 from ._reconciler_events import (
     Action,
+    AppliedKnown,
     ApplyFinished,
     Input,
     Reason,
@@ -75,6 +76,7 @@ from ._registry import Registry, load_registry
 from ._replay import Pipeline
 from ._rules import RuleSet, load_rules
 from ._settings import Settings
+from ._system_watch import SystemSwitchWatch
 from ._world import World, WorldReplaced
 
 if TYPE_CHECKING:
@@ -200,6 +202,7 @@ class Daemon:
         self._stop_deadline: float | None = None
         self._pending_registry: Registry | None = None
         self._watchdog_due: float | None = None
+        self._switch_watch: SystemSwitchWatch | None = None
         self._old_signals: dict[int, Any] = {}
         self._old_wakeup_fd: int | None = None
         self._closed = False
@@ -323,6 +326,12 @@ class Daemon:
         self._execute(self.pipeline.coldplug(state.applied, now), now)
         if not self.dry_run and self._uncertain(state):
             self._execute(self.reconciler.handle(RebuildRequested(), now), now)
+        if not self.dry_run:
+            self._switch_watch = SystemSwitchWatch.open(
+                self.settings.current_system, self._system_switched
+            )
+            if self._switch_watch is not None:
+                self.add_reader(self._switch_watch, self._switch_watch.on_ready)
         self.started = True
         if self.notifier.watchdog_interval:
             self._watchdog_due = time.monotonic() + self.notifier.watchdog_interval
@@ -356,6 +365,21 @@ class Daemon:
                 priority=Priority.WARNING,
             )
         return bool(why)
+
+    def _system_switched(self) -> None:
+        """The running system was replaced. Our own activation does that (ignored: the state
+        is written after it); a switch from outside (a `nixos-rebuild switch` of the base)
+        leaves what is applied unknown: level-triggered, treat it as the base system, so the
+        wanted set is applied again on top of the new base."""
+        from ._state import load_state
+
+        if self.applying is not None or self.stopping:
+            return
+        if not self._uncertain(load_state(self.settings, journal=self.journal)):
+            return
+        now = self.clock()
+        self.applied = frozenset()
+        self._execute(self.reconciler.handle(AppliedKnown(applied=frozenset()), now), now)
 
     def warn(self, message: str) -> None:
         """A problem the daemon works around (a bad overrides file): journaled as a warning."""
@@ -685,6 +709,9 @@ class Daemon:
         if self.control is not None:
             self.control.close()
         self.sources.close()
+        if self._switch_watch is not None:
+            self.remove_reader(self._switch_watch)
+            self._switch_watch.close()
         for signum, handler in self._old_signals.items():
             signal.signal(signum, handler)
         self._old_signals.clear()

@@ -128,6 +128,28 @@ def test_restart_with_everything_present_applies_nothing(
     assert snapshot.applied == snapshot.wanted == {"virtualization"}
 
 
+def test_a_switch_from_outside_brings_the_wanted_set_back(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    _veth(netns, up=True)
+    daemon = make_daemon(_rule(settle=0.1))
+    assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
+    _settle_down(daemon, 0.5)  # our own activation moved the link: that is no switch from outside
+    assert _starts(fake_system) == 1
+    # `nixos-rebuild switch` of the base, by hand: the link is replaced by one to the base.
+    link = fake_system.settings.current_system
+    fresh = link.with_name(link.name + ".new")
+    fresh.symlink_to(fake_system.initial_system)
+    fresh.replace(link)
+    assert daemon.run_until(lambda: _starts(fake_system) == 2 and daemon.applying is None, 10), (
+        "the daemon did not notice the switch"
+    )
+    assert daemon.applied == {"virtualization"}
+    assert fake_system.current_imports() == ["virtualization"]
+    _settle_down(daemon, 0.5)
+    assert _starts(fake_system) == 2
+
+
 @pytest.mark.usefixtures("journald")
 def test_broken_rules_on_sighup_keep_the_old_ones_and_say_why(
     make_daemon: Any, netns: str, journal_tag: str, tmp_path: Path
