@@ -11,13 +11,14 @@ timerfd armed with ``TFD_TIMER_CANCEL_ON_SET`` becomes readable when CLOCK_REALT
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import logging
 import os
 import time
 from collections.abc import Callable
+
+from ._fdwatch import FdWatch, last_error, load_libc
 
 __all__ = ["WallClockWatch", "boottime"]
 
@@ -31,8 +32,7 @@ def boottime() -> float:
 
 # <sys/timerfd.h> and <time.h> on Linux (all architectures use these values).
 _CLOCK_REALTIME = 0
-_TFD_NONBLOCK = os.O_NONBLOCK
-_TFD_CLOEXEC = os.O_CLOEXEC
+_TFD_FLAGS = os.O_NONBLOCK | os.O_CLOEXEC  # TFD_NONBLOCK | TFD_CLOEXEC
 _TFD_TIMER_ABSTIME = 1
 _TFD_TIMER_CANCEL_ON_SET = 2
 # The timer itself never needs to expire: only its cancellation matters. Ten years ahead is far
@@ -48,22 +48,23 @@ class _Itimerspec(ctypes.Structure):
     _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
 
 
-class WallClockWatch:
+class WallClockWatch(FdWatch):
     """A descriptor that becomes readable when the wall clock is set; ``on_ready`` re-arms it
     and calls ``on_set``. ``open`` returns None where timerfd is not available (then the caller
     notices a jump only at its next wakeup)."""
 
     def __init__(self, fd: int, libc: ctypes.CDLL, on_set: Callable[[], None]) -> None:
-        self._fd = fd
-        self._libc = libc
+        super().__init__(fd, libc)
         self.on_set = on_set
 
     @classmethod
     def open(cls, on_set: Callable[[], None]) -> WallClockWatch | None:
+        libc = load_libc()
+        if libc is None:
+            return None
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.timerfd_create(_CLOCK_REALTIME, _TFD_NONBLOCK | _TFD_CLOEXEC)
-        except (OSError, AttributeError):
+            fd = libc.timerfd_create(_CLOCK_REALTIME, _TFD_FLAGS)
+        except AttributeError:
             return None
         if fd < 0:
             log.info("no timerfd: wall clock changes are noticed at the next wakeup only")
@@ -74,15 +75,12 @@ class WallClockWatch:
             return None
         return watch
 
-    def fileno(self) -> int:
-        return self._fd
-
     def _arm(self) -> bool:
         spec = _Itimerspec()
         spec.it_value.tv_sec = int(time.time()) + _FAR
         flags = _TFD_TIMER_ABSTIME | _TFD_TIMER_CANCEL_ON_SET
         if self._libc.timerfd_settime(self._fd, flags, ctypes.byref(spec), None) != 0:
-            log.info("timerfd_settime: %s", os.strerror(ctypes.get_errno()))
+            log.info("timerfd_settime: %s", last_error())
             return False
         return True
 
@@ -96,9 +94,3 @@ class WallClockWatch:
                 raise
         self._arm()
         self.on_set()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1

@@ -9,12 +9,13 @@ an idle daemon still has no wakeups; the watch is then put on the new link.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from ._fdwatch import FdWatch, last_error, load_libc
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,11 @@ _IN_ATTRIB = 0x00000004
 _IN_DELETE_SELF = 0x00000400
 _IN_MOVE_SELF = 0x00000800
 _IN_DONT_FOLLOW = 0x02000000
-_IN_NONBLOCK = os.O_NONBLOCK
-_IN_CLOEXEC = os.O_CLOEXEC
+_IN_FLAGS = os.O_NONBLOCK | os.O_CLOEXEC  # IN_NONBLOCK | IN_CLOEXEC
 _MASK = _IN_ATTRIB | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_DONT_FOLLOW
 
 
-class SystemSwitchWatch:
+class SystemSwitchWatch(FdWatch):
     """A descriptor that becomes readable when ``link`` is replaced; ``on_ready`` re-arms the
     watch and calls ``on_switch``. ``open`` returns None where that cannot be watched (no such
     link, no inotify): then a switch is noticed at the daemon's next start, as before."""
@@ -36,17 +36,18 @@ class SystemSwitchWatch:
     def __init__(
         self, fd: int, libc: ctypes.CDLL, link: Path, on_switch: Callable[[], None]
     ) -> None:
-        self._fd = fd
-        self._libc = libc
+        super().__init__(fd, libc)
         self.link = link
         self.on_switch = on_switch
 
     @classmethod
     def open(cls, link: Path, on_switch: Callable[[], None]) -> SystemSwitchWatch | None:
+        libc = load_libc()
+        if libc is None:
+            return None
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        except (OSError, AttributeError):
+            fd = libc.inotify_init1(_IN_FLAGS)
+        except AttributeError:
             return None
         if fd < 0:
             return None
@@ -56,12 +57,9 @@ class SystemSwitchWatch:
             return None
         return watch
 
-    def fileno(self) -> int:
-        return self._fd
-
     def _arm(self) -> bool:
         if self._libc.inotify_add_watch(self._fd, os.fsencode(self.link), _MASK) < 0:
-            log.info("cannot watch %s: %s", self.link, os.strerror(ctypes.get_errno()))
+            log.info("cannot watch %s: %s", self.link, last_error())
             return False
         return True
 
@@ -75,9 +73,3 @@ class SystemSwitchWatch:
         # that names the same inode again is harmless (inotify returns the same watch).
         self._arm()
         self.on_switch()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
