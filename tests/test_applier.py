@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -235,8 +236,8 @@ def test_rollback_failure_is_reported_and_forces_the_next_apply(fake_system: Fak
     assert load_state(fake_system.settings).uncertain is None
 
 
-def test_cancel_stops_the_build_and_touches_nothing(fake_system: FakeSystem) -> None:
-    fake_system.control(mode="hang")
+def _cancelled_once(fake_system: FakeSystem, when: Callable[[], bool]) -> ApplyOutcome:
+    """Apply gaming in a thread, set its cancel event once ``when`` holds, and return the end."""
     cancel = threading.Event()
     result: list[ApplyOutcome] = []
     thread = threading.Thread(
@@ -245,10 +246,16 @@ def test_cancel_stops_the_build_and_touches_nothing(fake_system: FakeSystem) -> 
         )
     )
     thread.start()
-    _wait_for(lambda: fake_system.records("hang"))
+    _wait_for(when)
     cancel.set()
     thread.join(15)
     (outcome,) = result
+    return outcome
+
+
+def test_cancel_stops_the_build_and_touches_nothing(fake_system: FakeSystem) -> None:
+    fake_system.control(mode="hang")
+    outcome = _cancelled_once(fake_system, lambda: bool(fake_system.records("hang")))
     assert outcome.result is ApplyResult.CANCELLED
     assert "nixos-rebuild build was stopped on request" in outcome.message
     assert not process_alive(fake_system.records("hang")[0]["child"], None)
@@ -352,18 +359,7 @@ def test_no_current_system_stops_before_any_hook_or_journal_entry(
 
 def test_cancel_during_activation_waits_for_it_and_ends_normally(fake_system: FakeSystem) -> None:
     fake_system.control(switch="sleep:1")
-    cancel = threading.Event()
-    result: list[ApplyOutcome] = []
-    thread = threading.Thread(
-        target=lambda: result.append(
-            _applier(fake_system).apply(frozenset({"gaming"}), reason="stop", cancel=cancel)
-        )
-    )
-    thread.start()
-    _wait_for(lambda: fake_system.records("switch"))
-    cancel.set()
-    thread.join(15)
-    (outcome,) = result
+    outcome = _cancelled_once(fake_system, lambda: bool(fake_system.records("switch")))
     assert outcome.result is ApplyResult.SUCCEEDED
     assert [r["system"] for r in fake_system.records("switched")] == [outcome.system_after]
     _assert_consistent(fake_system, outcome)
