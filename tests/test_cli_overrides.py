@@ -296,6 +296,20 @@ def test_history_table_and_limit(journal_tag: str, capsys: pytest.CaptureFixture
     assert lines[2].split()[2:] == ["in-progress", "-", "gaming", "->", "(base)", "[reset]"]
 
 
+def test_history_shows_a_hostile_reason_escaped_and_cut(
+    journald: Path, journal_tag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reason = "rule dock: enx\x1b]0;pwned\x07" + "x" * 300
+    _send(journal_tag, "APPLY_STARTED", "enabling vm", apply_id=f"{journal_tag}-z", before="",
+          after="vm", reason=reason)  # fmt: skip
+    subprocess.run(["journalctl", "--sync"], check=False, capture_output=True)
+    assert main(["history", "--identifier", journal_tag]) == ExitCode.OK
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "\x1b" not in line and "\x07" not in line  # no escape sequence reaches the terminal
+    assert "enx\\x1b]0;pwned\\x07xx" in line
+    assert line.endswith("…]") and len(line) < 200
+
+
 def test_history_of_nothing(journald: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tag = f"rmtest-none-{uuid.uuid4().hex[:8]}"
     assert main(["history", "--identifier", tag]) == ExitCode.OK

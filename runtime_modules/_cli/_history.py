@@ -19,6 +19,8 @@ from .._errors import ConfigError, ExitCode
 from .._settings import Settings
 from ._common import format_duration, print_json
 
+REASON_WIDTH = 100  # characters of the reason shown per line in the plain output
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HistoryEntry:
@@ -146,7 +148,12 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
         when = datetime.fromtimestamp(e.started).strftime("%Y-%m-%d %H:%M:%S")
         took = format_duration(e.duration) if e.duration is not None else "-"
         change = f"{_set_text(e.before)} -> {_set_text(e.after)}"
-        why = f"  [{e.reason}]" if e.reason else ""
+        # One line per apply: a long reason (a pasted rule list) is cut; --json has it whole.
+        # Control characters (a device name can carry any) are shown escaped, never sent to the
+        # terminal as they are.
+        reason = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in e.reason)
+        reason = reason if len(reason) <= REASON_WIDTH else reason[: REASON_WIDTH - 1] + "…"
+        why = f"  [{reason}]" if reason else ""
         print(f"{when:<19}  {e.result:<15}  {took:>6}  {change}{why}")
     return int(ExitCode.OK)
 
