@@ -280,3 +280,19 @@ def test_the_installed_command(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("rules OK: 4 rules in 3 files")
+
+
+def test_names_are_shown_never_obeyed_by_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A file name (like a device or interface name) can carry terminal escapes; every verb's
+    # plain output writes them as text.
+    bad = tmp_path / "evil\x1b]0;owned\x07\u202e.toml"
+    bad.write_text(
+        '[[rule]]\nname = "r\\u001b[2J"\nmodules = ["m"]\n[rule.when.link]\nifnme = "x"\n'
+    )
+    assert main(["rules", "check", str(bad)]) == 1
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "evil\\x1b]0;owned\\x07\\u202e.toml" in text
+    assert not any(c in text for c in "\x1b\x07\u202e")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import ExitCode, RuntimeModulesError
-from ._common import common_parser, settings_from_args
+from ._common import TerminalSafe, common_parser, settings_from_args
 
 __all__ = ["main"]
 
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = TerminalSafe(stdout), TerminalSafe(stderr)
     try:
         settings = settings_from_args(args)
         code: int = args.func(args, settings)
@@ -46,4 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return int(ExitCode.OK)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
     return code

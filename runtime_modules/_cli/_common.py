@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .._settings import Settings, settings_from_env
 
@@ -83,3 +84,48 @@ def format_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# Characters that a terminal would act on rather than show: C0 controls but newline and tab,
+# DEL, C1 controls, and the bidirectional overrides (a name that reads backwards). Device names,
+# interface names and udev values reach our plain output, and any of them may carry these.
+_TERMINAL_ESCAPES = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (
+        *range(0x20),
+        0x7F,
+        *range(0x80, 0xA0),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+    if chr(c) not in "\n\t"
+}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every character a terminal would act on written as an escape."""
+    return text.translate(_TERMINAL_ESCAPES)
+
+
+class TerminalSafe(io.TextIOBase):
+    """A text stream that writes through ``escape_controls``: what the CLI prints is shown,
+    never obeyed, whatever names it contains (JSON output is escaped by ``json`` already)."""
+
+    def __init__(self, raw: TextIO) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        self.raw.write(escape_controls(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def isatty(self) -> bool:
+        return self.raw.isatty()
+
+    def writable(self) -> bool:
+        return True

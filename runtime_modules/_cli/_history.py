@@ -17,7 +17,7 @@ from typing import Any
 
 from .._errors import ConfigError, ExitCode
 from .._settings import Settings
-from ._common import format_duration, print_json
+from ._common import escape_controls, format_duration, print_json
 
 REASON_WIDTH = 100  # characters of the reason shown per line in the plain output
 
@@ -149,9 +149,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
         took = format_duration(e.duration) if e.duration is not None else "-"
         change = f"{_set_text(e.before)} -> {_set_text(e.after)}"
         # One line per apply: a long reason (a pasted rule list) is cut; --json has it whole.
-        # Control characters (a device name can carry any) are shown escaped, never sent to the
-        # terminal as they are.
-        reason = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in e.reason)
+        # Escaped before it is cut, so that the cut never splits an escape.
+        reason = escape_controls(e.reason)
         reason = reason if len(reason) <= REASON_WIDTH else reason[: REASON_WIDTH - 1] + "…"
         why = f"  [{reason}]" if reason else ""
         print(f"{when:<19}  {e.result:<15}  {took:>6}  {change}{why}")
