@@ -26,9 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PYTHON, REPO, Section, fake_system, met, summary_ms, tmpfs
 
+# `nixos-rebuild build` that only marks its start and end and leaves `result` (in the working
+# directory, as nixos-rebuild does) pointing at a system whose activation only moves the
+# current-system link: what is timed is ours, not Nix's.
 STAND_IN = """#!/bin/bash
 echo "start $EPOCHREALTIME" >> {record}
+ln -sfn {system} result
 echo "end $EPOCHREALTIME" >> {record}
+"""
+SWITCH = """#!/bin/bash
+ln -sfn {system} {current}
 """
 
 
@@ -51,11 +58,16 @@ def run(applies: int = 50, cli: int = 20) -> Section:
         fake = fake_system(root / "fake")
         record = root / "stand-in.txt"
         stand_in = root / "nixos-rebuild"
-        stand_in.write_text(STAND_IN.format(record=record))
+        system = root / "system"
+        (system / "bin").mkdir(parents=True)
+        switch = system / "bin" / "switch-to-configuration"
+        switch.write_text(SWITCH.format(system=system, current=fake.settings.current_system))
+        switch.chmod(0o755)
+        stand_in.write_text(STAND_IN.format(record=record, system=system))
         stand_in.chmod(0o755)
         settings = fake.settings.with_(state_dir=run_dir / "state", nixos_rebuild=(str(stand_in),))
         rules = root / "rules.toml"
-        rules.write_text("")
+        rules.write_text("rule = []\n")  # no rules: the applies are asked for directly
         decided: list[float] = []
         done: list[tuple[float, float]] = []
 
@@ -148,8 +160,11 @@ def run(applies: int = 50, cli: int = 20) -> Section:
         "in-progress record (write, fsync, rename), the generated flake (written only when it "
         "changes), the log file, and fork/exec of the rebuild in its own process group; bash's "
         "own start-up (a few ms) is in it too, since its first line is the mark.",
-        "- Exit → state covers: draining the rebuild's output, resolving the current system, "
-        "the final state (write, fsync, rename, fsync of the directory) and the journal entry.",
+        "- Exit → state covers: draining the build's output, resolving the built system, "
+        "running its `switch-to-configuration test` (the second phase; here a script that only "
+        "moves the current-system link, so what is timed is ours), resolving the current "
+        "system, the final state (write, fsync, rename, fsync of the directory) and the journal "
+        "entry.",
         "- The baseline is the reference design's way of making a change: a fresh `runtime-"
         "modules rebuild` process (interpreter start, imports, then the same apply).",
     ]
