@@ -61,6 +61,7 @@ from ._daemon_sources import Sources
 from ._decision_log import DecisionLog
 from ._errors import RuleError, RuntimeModulesError
 from ._journal import Journal, JournalEvent, Priority
+from ._pipeline import Pipeline
 from ._reconciler import Reconciler
 from ._reconciler_events import (
     Action,
@@ -73,7 +74,6 @@ from ._reconciler_events import (
     StartApply,
 )
 from ._registry import Registry, load_registry
-from ._replay import Pipeline
 from ._rules import RuleSet, load_rules
 from ._settings import Settings
 from ._system_watch import SystemSwitchWatch

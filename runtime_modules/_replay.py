@@ -63,7 +63,6 @@ from ._world import (
 
 __all__ = [
     "Decision",
-    "Pipeline",  # the daemon's core, replayed here; the daemon imports it from here too
     "TimedChange",
     "add_events_option",
     "parse_events",
