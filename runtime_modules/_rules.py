@@ -535,7 +535,8 @@ def rule_files(paths: Sequence[Path]) -> tuple[list[Path], list[RuleProblem]]:
                     None,
                     None,
                     "no such file or folder",
-                    "give rule files (*.toml, *.json) or folders of them",
+                    "give rule files (*.toml, *.json) or folders of them with --rules or "
+                    "RUNTIME_MODULES_RULES; on NixOS, services.runtimeModules.rules writes them",
                 )
             )
     return files, problems
