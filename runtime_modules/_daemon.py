@@ -310,6 +310,7 @@ class Daemon:
         needs = rules.needs()
         world = World()
         self.sources.open(needs, world)
+        self._warn_if_udevd_missing()
         state = load_state(self.settings, journal=self.journal)
         self.applied = state.applied
         reconciler = (
@@ -380,6 +381,21 @@ class Daemon:
         now = self.clock()
         self.applied = frozenset()
         self._execute(self.reconciler.handle(AppliedKnown(applied=frozenset()), now), now)
+
+    def _warn_if_udevd_missing(self) -> None:
+        """Device rules with no udevd: the devices found now count, but no event will come."""
+        if not self.sources.udevd_missing:
+            return
+        from ._udev_source import UDEVD_CONTROL  # loaded already: device rules opened udev
+
+        control = self.sources.udevd_control or UDEVD_CONTROL
+        message = (
+            f"systemd-udevd is not running (nothing listens on {control}): device rules see "
+            "the devices found at start but no device event until it runs; start "
+            "systemd-udevd, then reload (SIGHUP) or restart runtime-modules"
+        )
+        self.journal.send(JournalEvent.UDEVD_NOT_RUNNING, message, control=control)
+        self.log.echo(f"warning: {message}")
 
     def warn(self, message: str) -> None:
         """A problem the daemon works around (a bad overrides file): journaled as a warning."""
@@ -628,6 +644,7 @@ class Daemon:
                 # here keeps the old rules *and* the old monitors (the daemon is never deaf).
                 fresh = World()
                 self.sources.open(needs, fresh)
+                self._warn_if_udevd_missing()
         except RuntimeModulesError as exc:
             self._reject(exc)
             return False

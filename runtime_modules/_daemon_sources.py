@@ -10,6 +10,7 @@ and swaps them in only when that worked.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError, PermissionDeniedError
@@ -27,6 +28,10 @@ class Sources:
         on_ready: called with the source and its name ("udev", "netlink") when it is readable.
         netns: the network namespace whose links are watched (None: the daemon's own).
         udev_receive_buffer, netlink_receive_buffer: socket buffer sizes (tests shrink them).
+        udevd_control: udevd's control socket, probed when a udev monitor opens.
+
+    After ``open``, ``udevd_missing`` is True when the rules need device events and udevd does
+    not run to send them.
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class Sources:
         netns: str | None = None,
         udev_receive_buffer: int | None = None,
         netlink_receive_buffer: int | None = None,
+        udevd_control: Path | None = None,
     ) -> None:
         self._add_reader = add_reader
         self._remove_reader = remove_reader
@@ -45,7 +51,9 @@ class Sources:
         self.netns = netns
         self.udev_receive_buffer = udev_receive_buffer
         self.netlink_receive_buffer = netlink_receive_buffer
+        self.udevd_control = udevd_control
         self.needs: Needs | None = None
+        self.udevd_missing = False
         self._udev: Any = None
         self._netlink: Any = None
 
@@ -77,12 +85,18 @@ class Sources:
             raise
         self.close()
         self.needs = needs
+        self.udevd_missing = needs.devices and not self._udevd_listening()
         for source, name in opened:
             if name == "udev":
                 self._udev = source
             else:
                 self._netlink = source
             self._add_reader(source, self._reader(source, name))
+
+    def _udevd_listening(self) -> bool:
+        from ._udev_source import UDEVD_CONTROL, udevd_listening
+
+        return udevd_listening(self.udevd_control or UDEVD_CONTROL)
 
     def _reader(self, source: Any, name: str) -> Callable[[int], None]:
         return lambda mask: self._on_ready(source, name)

@@ -92,6 +92,7 @@ class JournalEvent(enum.Enum):
     DAEMON_STARTED = "d8a8c440a26444e08b03cc4288afff35"
     DAEMON_STOPPING = "52bb5f0006da461fa25b0cf82d58ecf1"
     WORLD_RESYNCED = "34572bfb69a84ff09bed35344efdaf52"
+    UDEVD_NOT_RUNNING = "fb2f32c3e63d44779dde0aed4c9ebc9f"
     EVENT_RECEIVED = "31f331717a944ec2b30157c05c0baa12"
 
     @property
@@ -111,6 +112,7 @@ _DEFAULT_PRIORITY = {
     JournalEvent.HOOK_FAILED: Priority.WARNING,
     JournalEvent.STATE_RECOVERED: Priority.WARNING,
     JournalEvent.STATE_WRITE_FAILED: Priority.ERR,
+    JournalEvent.UDEVD_NOT_RUNNING: Priority.WARNING,
     JournalEvent.RULES_REJECTED: Priority.ERR,
     JournalEvent.APPLY_UNCHANGED: Priority.DEBUG,
     JournalEvent.EVENT_RECEIVED: Priority.DEBUG,

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyudev
@@ -32,10 +34,12 @@ from ._world import (
 )
 
 __all__ = [
+    "UDEVD_CONTROL",
     "DeviceNeeds",
     "UdevSource",
     "device_from_pyudev",
     "enumerate_devices",
+    "udevd_listening",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,23 @@ log = logging.getLogger(__name__)
 MAX_EVENTS_PER_READ = 512
 # After a failed re-enumeration, the next try comes this much later (as for netlink links).
 RESYNC_RETRY = 1.0
+# systemd-udevd's control socket: whether it accepts a connection says whether udevd runs.
+UDEVD_CONTROL = Path("/run/udev/control")
+
+
+def udevd_listening(control: Path = UDEVD_CONTROL) -> bool:
+    """Whether systemd-udevd runs, i.e. accepts connections on its control socket.
+
+    The monitor opens and enumeration works without udevd (both read the kernel's sysfs and
+    udev's database), but no event ever arrives: the daemon says so rather than wait in silence.
+    A socket file alone proves nothing; an ended udevd leaves it behind, refusing.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        try:
+            sock.connect(str(control))
+        except OSError:
+            return False
+    return True
 
 
 class DeviceNeeds(Protocol):

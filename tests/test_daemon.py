@@ -494,9 +494,14 @@ def test_reload_with_rules_that_need_devices_opens_the_udev_monitor(
 ) -> None:
     daemon = make_daemon(_rule())
     assert daemon.world.devices == {}  # link rules only: udev is not even listened to
-    (tmp_path / "rules.toml").write_text(
-        _rule()
-        + """
+    (tmp_path / "rules.toml").write_text(_rule() + _LOOPBACK_RULE)
+    daemon.signal(signal.SIGHUP)
+    assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
+    assert "/devices/virtual/net/lo" in daemon.world.devices
+    assert daemon.world.links  # the links of the namespace are still known
+
+
+_LOOPBACK_RULE = """
 [[rule]]
 name = "loopback"
 modules = ["podman"]
@@ -505,11 +510,38 @@ settle = "0.1s"
 subsystem = "net"
 sysname = "lo"
 """
-    )
-    daemon.signal(signal.SIGHUP)
+
+
+@pytest.mark.parametrize("udevd_state", ["running", "ended", "never-started"])
+def test_device_rules_without_udevd_say_so(
+    make_daemon: Any, fake_system: FakeSystem, tmp_path: Path, udevd: None, udevd_state: str
+) -> None:
+    import socket as socket_module
+
+    from runtime_modules._udev_source import UDEVD_CONTROL
+
+    control = {
+        "running": UDEVD_CONTROL,
+        "ended": tmp_path / "udevd.control",
+        "never-started": None,
+    }[udevd_state]
+    if udevd_state == "ended":  # a socket file left behind by a udevd that is gone: refuses
+        with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_SEQPACKET) as sock:
+            sock.bind(str(control))
+            sock.listen()
+    elif control is None:
+        control = tmp_path / "no-such-control"
+    daemon = make_daemon(_LOOPBACK_RULE, start=False)
+    daemon.sources.udevd_control = control
+    daemon.start()
+    # The devices present still count: coldplug enumerates sysfs and udev's database.
     assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
-    assert "/devices/virtual/net/lo" in daemon.world.devices
-    assert daemon.world.links  # the links of the namespace are still known
+    said = fake_system.stderr.getvalue()
+    if udevd_state == "running":
+        assert "udevd is not running" not in said
+    else:
+        assert f"systemd-udevd is not running (nothing listens on {control})" in said
+        assert "start systemd-udevd, then reload (SIGHUP) or restart runtime-modules" in said
 
 
 def test_stored_pins_survive_a_restart_and_expire_on_time(
