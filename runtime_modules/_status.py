@@ -288,6 +288,8 @@ def _daemon_json(view: DaemonView) -> dict[str, Any]:
         "pid": view.pid,
         "since": to_iso(view.started),
         "dry_run": view.dry_run,
+        # A dry run writes no state: what it would have applied by now lives only in the daemon.
+        "dry_run_applied": sorted(snap.applied) if view.dry_run else None,
         "wanted": sorted(snap.wanted),
         "paused_modules": None if snap.paused_modules is None else sorted(snap.paused_modules),
         "rules": [

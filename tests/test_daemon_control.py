@@ -5,6 +5,7 @@ itself (in-process, or as processes when they must run at once or as another use
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -508,9 +509,10 @@ def test_status_text_says_why_and_what_comes_next(
     assert cli(capsys, "enable", "podman")[0] == ExitCode.FAILURE
     data = status(capsys)
     assert list(data["daemon"]) == [
-        "pid", "since", "dry_run", "wanted", "paused_modules", "rules", "applying", "pending",
-        "backoff", "given_up",
+        "pid", "since", "dry_run", "dry_run_applied", "wanted", "paused_modules", "rules",
+        "applying", "pending", "backoff", "given_up",
     ]  # fmt: skip
+    assert data["daemon"]["dry_run_applied"] is None  # a real daemon: `applied` says it
     assert data["daemon"]["backoff"]["failures"] == 1
     assert data["daemon"]["pending"]["target"] == ["gaming", "podman"]
     code, out, err = cli(capsys, "status")
@@ -533,6 +535,29 @@ def test_status_text_says_why_and_what_comes_next(
         for ln in lines
     ), lines
     assert any(ln.startswith("last apply ") and ": failed, " in ln for ln in lines), lines
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_status_of_a_dry_run_says_what_it_would_have_applied(
+    start_daemon: Callable[..., DaemonThread],
+    fake_system: FakeSystem,
+    netns: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    start_daemon(dry_run=True, out=io.StringIO())  # its decision lines, not in the CLI's output
+    veth_up(netns)
+    assert eventually(lambda: status(capsys)["daemon"]["dry_run_applied"] == ["virtualization"])
+    data = status(capsys)
+    assert data["applied"] == [] and data["daemon"]["dry_run"] is True  # no state written
+    assert fake_system.records() == []  # nixos-rebuild never ran
+    code, out, err = cli(capsys, "status")
+    assert code == ExitCode.OK, err
+    lines = out.splitlines()
+    assert lines[1].endswith(", dry run")
+    assert lines[2:4] == [
+        "applied: (none: the base system)",
+        "dry run, applied by now if it were not: virtualization",
+    ]
 
 
 def test_events_stream_what_happens(

@@ -173,6 +173,9 @@ def _print_status(data: dict[str, Any], *, filtered: bool = False) -> None:
         what = f"; the rules' part kept: {' '.join(kept) or 'nothing'}" if kept is not None else ""
         print(f"automation paused until `runtime-modules resume`{what}")
     print(f"applied: {' '.join(data['applied']) or '(none: the base system)'}")
+    if daemon is not None and daemon.get("dry_run_applied") is not None:
+        would = " ".join(daemon["dry_run_applied"]) or "(none: the base system)"
+        print(f"dry run, applied by now if it were not: {would}")
     rows = data["modules"]
     width = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
