@@ -29,6 +29,8 @@ from ._settings import (
     settings_from_env,
 )
 from ._world import (
+    AddressAdded,
+    AddressRemoved,
     Device,
     DeviceMoved,
     DeviceRemoved,
@@ -185,6 +187,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Action",
+    "AddressAdded",
+    "AddressRemoved",
     "AppliedKnown",
     "Applier",
     "ApplyCancelled",

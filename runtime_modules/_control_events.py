@@ -31,6 +31,8 @@ from ._reconciler_events import (
     StartApply,
 )
 from ._world import (
+    AddressAdded,
+    AddressRemoved,
     DeviceMoved,
     DeviceRemoved,
     DeviceUpsert,
@@ -174,6 +176,19 @@ def _change(change: WorldChange, world: World | None) -> tuple[str, str, dict[st
                     "operstate": link.operstate.value,
                     "carrier": link.carrier,
                 },
+            )
+        case (
+            AddressAdded(index=index, address=address)
+            | AddressRemoved(index=index, address=address)
+        ):
+            action = "address-add" if isinstance(change, AddressAdded) else "address-remove"
+            known = links.get(index)
+            name = known.ifname if known is not None else f"#{index}"
+            verb = "added to" if isinstance(change, AddressAdded) else "removed from"
+            return (
+                "link",
+                f"address {address} {verb} {name}",
+                {"action": action, "ifname": name, "index": index, "address": address},
             )
         case LinkRemoved(index=index):
             gone = links.get(index)

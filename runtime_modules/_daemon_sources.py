@@ -115,12 +115,13 @@ class Sources:
         else:
             world.apply(WorldReplaced(devices=(), links=None))
         if needs.links:
-            kwargs = {}
+            buffer = {}
             if self.netlink_receive_buffer is not None:
-                kwargs["receive_buffer"] = self.netlink_receive_buffer
-            netlink = NetlinkSource(self.netns, **kwargs)
+                buffer["receive_buffer"] = self.netlink_receive_buffer
+            netlink = NetlinkSource(self.netns, addresses=needs.addresses, **buffer)
             opened.append((netlink, "netlink"))
-            world.apply(WorldReplaced(devices=None, links=tuple(enumerate_links(self.netns))))
+            links = enumerate_links(self.netns, addresses=needs.addresses)
+            world.apply(WorldReplaced(devices=None, links=tuple(links)))
         else:
             world.apply(WorldReplaced(devices=None, links=()))
 

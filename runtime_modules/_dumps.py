@@ -7,7 +7,8 @@
 - umockdev recordings (``read_umockdev``, from ``umockdev-record``): ``P:`` devpath, ``E:``
   property, ``A:`` sysfs attribute (C-escaped), ``H:`` binary attribute (hex), ``L:`` sysfs link
   (``driver=../../bus/…/drivers/x``), ``N:`` device node, ``S:`` device symlink.
-- ``ip -j link`` output (``read_ip_link_json``; ``ip -j -d link`` also gives each link's kind).
+- ``ip -j link`` output (``read_ip_link_json``; ``ip -j -d link`` also gives each link's kind,
+  ``ip -j addr`` its addresses).
 
 The same letter means different things in the two device formats (``L:`` is a priority in one,
 a link in the other), so each has its own reader. Records are separated by blank lines; a
@@ -17,6 +18,7 @@ Errors are ``DumpError`` naming the file and line and saying how to make a good 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -289,6 +291,7 @@ def _link(entry: Any, source: str, number: int) -> Link:
     kind = info.get("info_kind") if isinstance(info, dict) else None
     address = entry.get("address")
     operstate = entry.get("operstate")
+    addresses = _addresses(entry.get("addr_info"), f"{where} ({name})")
     return Link(
         index=index,
         ifname=name,
@@ -297,7 +300,30 @@ def _link(entry: Any, source: str, number: int) -> Link:
         # LOWER_UP is the kernel's IFF_LOWER_UP: the driver reports carrier.
         carrier="LOWER_UP" in flags if "UP" in flags or "LOWER_UP" in flags else None,
         mac=address.lower() if isinstance(address, str) else None,
+        addresses=addresses,
     )
+
+
+def _addresses(info: Any, where: str) -> frozenset[str]:
+    """The usable addresses of ``ip -j addr``'s ``addr_info`` list (absent: none known)."""
+    if info is None:
+        return frozenset()
+    if not isinstance(info, list):
+        raise DumpError(f"{where}: `addr_info` must be a list; {_IP_HELP}")
+    found = set()
+    for item in info:
+        if not isinstance(item, dict) or item.get("family") not in ("inet", "inet6"):
+            continue
+        local, prefix = item.get("local"), item.get("prefixlen")
+        if item.get("tentative") or item.get("dadfailed"):
+            continue  # not usable yet, as the live source sees it
+        try:
+            found.add(str(ipaddress.ip_interface(f"{local}/{prefix}")))
+        except ValueError:
+            raise DumpError(
+                f"{where}: {local!r}/{prefix!r} is not an IP address with a prefix; {_IP_HELP}"
+            ) from None
+    return frozenset(found)
 
 
 def parse_ip_link_json(text: str, source: str) -> list[Link]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from ._glob import fold
 from ._rules import AllOf, Condition, DeviceCondition, LinkCondition, Not, RuleSet
 from ._world import (
+    AddressAdded,
+    AddressRemoved,
     Device,
     DeviceMoved,
     DeviceRemoved,
@@ -153,7 +155,9 @@ def link_matches(c: LinkCondition, link: Link) -> bool:
         return False
     if c.carrier is not None and link.carrier is not c.carrier:
         return False
-    return c.mac is None or c.mac.match(link.mac)
+    if c.mac is not None and not c.mac.match(link.mac):
+        return False
+    return c.ip is None or c.ip.match(link.addresses)
 
 
 # --- from atoms to rules --------------------------------------------------------------------
@@ -349,7 +353,7 @@ class IncrementalEvaluator:
                 self._sync_devices(world, [old_devpath, device.devpath], dirty)
             case LinkUpsert(link):
                 self._sync_link(world, link.index, dirty)
-            case LinkRemoved(index):
+            case LinkRemoved(index) | AddressAdded(index) | AddressRemoved(index):
                 self._sync_link(world, index, dirty)
             case WorldReplaced(devices, links):
                 if devices is not None:

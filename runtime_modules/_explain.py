@@ -21,7 +21,17 @@ from operator import attrgetter
 from typing import Any
 
 from ._evaluate import Evaluation, device_matches, link_matches
-from ._rules import AllOf, AnyOf, Condition, DeviceCondition, LinkCondition, Not, Pattern, RuleSet
+from ._rules import (
+    AllOf,
+    AnyOf,
+    Condition,
+    DeviceCondition,
+    LinkCondition,
+    Networks,
+    Not,
+    Pattern,
+    RuleSet,
+)
 from ._world import Device, Link, World
 
 __all__ = ["ConditionReport", "Explanation", "Mismatch", "NearMiss", "describe", "explain"]
@@ -48,7 +58,7 @@ class Mismatch:
         if self.key == "tag":
             return f"tags {self.actual}" if self.actual else "no tags"
         if self.actual is None:
-            return f"no {self.key}"
+            return "no IP address" if self.key == "ip" else f"no {self.key}"
         return f"{self.key}={_cut(self.actual)}"
 
 
@@ -232,6 +242,8 @@ def _link_keys(c: LinkCondition) -> list[tuple[str, str]]:
     out = [(k, str(getattr(c, k))) for k in ("ifname", "kind", "operstate", "mac") if getattr(c, k)]
     if c.carrier is not None:
         out.append(("carrier", str(c.carrier).lower()))
+    if c.ip is not None:
+        out.append(("ip", str(c.ip)))
     return out
 
 
@@ -355,6 +367,14 @@ def _carrier(want: bool, link: Link) -> bool:
     return link.carrier is want
 
 
+def _addresses_text(link: Link) -> str | None:
+    return " ".join(sorted(link.addresses)) or None
+
+
+def _in_networks(networks: Networks, link: Link) -> bool:
+    return networks.match(link.addresses)
+
+
 def _link_near_misses(c: LinkCondition, world: World) -> tuple[NearMiss, ...]:
     checks: list[Check] = [
         _check(key, p, attrgetter("operstate.value") if key == "operstate" else _getter(key))
@@ -365,6 +385,8 @@ def _link_near_misses(c: LinkCondition, world: World) -> tuple[NearMiss, ...]:
         checks.append(
             ("carrier", str(c.carrier).lower(), _carrier_text, partial(_carrier, c.carrier))
         )
+    if c.ip is not None:
+        checks.append(("ip", str(c.ip), _addresses_text, partial(_in_networks, c.ip)))
     out = []
     for link in _rank(world.links.values(), checks, attrgetter("ifname")):
         mismatches = tuple(Mismatch(k, w, g(link)) for k, w, g, t in checks if not t(link))

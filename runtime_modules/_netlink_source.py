@@ -1,14 +1,17 @@
 """The netlink source: network links from rtnetlink, as a dump (coldplug) and as events.
 
-A thin shell: it translates RTM_NEWLINK / RTM_DELLINK into world changes and decides nothing.
+A thin shell: it translates RTM_NEWLINK / RTM_DELLINK, and RTM_NEWADDR / RTM_DELADDR when a rule
+tests addresses, into world changes and decides nothing.
 
-The socket is a plain non-blocking AF_NETLINK socket bound to RTMGRP_LINK, read by the daemon's
+The socket is a plain non-blocking AF_NETLINK socket bound to RTMGRP_LINK (and the IPv4 and IPv6
+address groups when addresses are needed), read by the daemon's
 ``selectors`` loop: readable means "read me", and an overrun is ENOBUFS from recv(2), the signal
 to re-enumerate. (pyroute2 ≥ 0.9 reads its sockets inside a private asyncio loop, where readiness
 says nothing about messages already queued and an overrun becomes a synthetic message.)
 
 The messages are decoded here, with ``struct``: a link message is a 16-byte header, a 16-byte
-ifinfomsg and a list of attributes, and we need five of them (rtnetlink(7), <linux/if_link.h>).
+ifinfomsg and a list of attributes, and we need five of them (rtnetlink(7), <linux/if_link.h>);
+an address message an 8-byte ifaddrmsg and up to three (<linux/if_addr.h>).
 That spares the daemon pyroute2, whose package imports all of itself on any import: about 15 MiB
 of resident memory and 60 ms of start-up for the few lines below. The tests check this decoder
 against pyroute2's on the same kernel messages.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import itertools
 import logging
 import os
@@ -30,12 +34,22 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from ._errors import ConfigError
-from ._world import Link, LinkRemoved, LinkUpsert, OperState, WorldChange, WorldReplaced
+from ._world import (
+    AddressAdded,
+    AddressRemoved,
+    Link,
+    LinkRemoved,
+    LinkUpsert,
+    OperState,
+    WorldChange,
+    WorldReplaced,
+)
 
-__all__ = ["NetlinkSource", "enumerate_links", "link_from_message"]
+__all__ = ["NetlinkSource", "address_from_message", "enumerate_links", "link_from_message"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +73,11 @@ RESYNC_RETRY = 1.0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x300
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTMGRP_LINK = 0x1
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+# Not usable (yet): IPv6 duplicate address detection is running, or found a duplicate.
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_CARRIER = 1, 3, 16, 18, 33
 IFLA_INFO_KIND = 1
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -67,6 +85,7 @@ NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 _OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefix length, flags, scope, index
 _ATTR = struct.Struct("=HH")  # rtattr: length, type
 
 _seq = itertools.count(1)
@@ -184,37 +203,85 @@ def link_from_message(payload: bytes) -> Link | None:
     )
 
 
-def _dump(sock: socket.socket) -> list[Link] | None:
-    """One RTM_GETLINK dump on a blocking socket; None when the kernel says it was interrupted."""
+def address_from_message(payload: bytes) -> tuple[int, str, bool] | None:
+    """Translate an ifaddrmsg payload (RTM_NEWADDR, RTM_DELADDR, a dump entry).
+
+    Returns (link index, "address/prefix length", usable), or None for what is not an IPv4 or
+    IPv6 address. An address is not usable while IPv6 duplicate address detection runs
+    (tentative) or after it failed: a rule testing addresses waits until the link can use it.
+    """
+    if len(payload) < _IFADDR.size:
+        return None
+    family, prefix, flags, _scope, index = _IFADDR.unpack_from(payload)
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    attrs = _attributes(payload, _IFADDR.size, len(payload))
+    if (extended := attrs.get(IFA_FLAGS)) is not None and len(extended) >= 4:
+        flags = struct.unpack_from("=I", extended)[0]  # the 8-bit field holds only the low bits
+    # IFA_LOCAL is the address itself; IFA_ADDRESS is the peer's on point-to-point links, and
+    # the only one for IPv6.
+    raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
+    size = 4 if family == socket.AF_INET else 16
+    if raw is None or len(raw) != size:
+        return None
+    address = ipaddress.ip_address(raw)
+    usable = not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
+    return index, f"{address}/{prefix}", usable
+
+
+def _dump(sock: socket.socket, kind: int, body: bytes) -> list[bytes] | None:
+    """The payloads of one dump request on a blocking socket; None when interrupted."""
     seq = next(_seq) & 0xFFFFFFFF
-    request = _HEADER.pack(
-        _HEADER.size + _IFINFO.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
-    )
-    sock.send(request + _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
-    links: list[Link] = []
+    request = _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    sock.send(request + body)
+    payloads: list[bytes] = []
     interrupted = False
     while True:
-        for kind, flags, got, payload in messages(sock.recv(RECV_SIZE)):
+        for got_kind, flags, got, payload in messages(sock.recv(RECV_SIZE)):
             if got != seq:
                 continue
             interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-            if kind == NLMSG_ERROR:
+            if got_kind == NLMSG_ERROR:
                 code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else errno.EIO
                 if code:
-                    raise OSError(code, f"link dump failed: {os.strerror(code)}")
-            elif kind == NLMSG_DONE:
-                return None if interrupted else links
-            elif kind == RTM_NEWLINK and (link := link_from_message(payload)) is not None:
-                links.append(link)
+                    raise OSError(code, f"rtnetlink dump failed: {os.strerror(code)}")
+            elif got_kind == NLMSG_DONE:
+                return None if interrupted else payloads
+            elif got_kind == kind - 2:  # the answers of RTM_GET* are RTM_NEW*
+                payloads.append(payload)
 
 
-def enumerate_links(netns: str | None = None) -> list[Link]:
-    """Every link present now in ``netns`` (None: the daemon's own namespace)."""
+def _dump_links(sock: socket.socket, addresses: bool) -> list[Link] | None:
+    """Every link (with its usable addresses when ``addresses``); None when interrupted."""
+    payloads = _dump(sock, RTM_GETLINK, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+    if payloads is None:
+        return None
+    links = {link.index: link for p in payloads if (link := link_from_message(p)) is not None}
+    if not addresses:
+        return list(links.values())
+    payloads = _dump(sock, RTM_GETADDR, _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+    if payloads is None:
+        return None
+    found: dict[int, set[str]] = {}
+    for p in payloads:
+        if (entry := address_from_message(p)) is not None and entry[2]:
+            found.setdefault(entry[0], set()).add(entry[1])
+    return [
+        replace(link, addresses=frozenset(found[index])) if index in found else link
+        for index, link in links.items()
+    ]
+
+
+def enumerate_links(netns: str | None = None, *, addresses: bool = False) -> list[Link]:
+    """Every link present now in ``netns`` (None: the daemon's own namespace).
+
+    With ``addresses``, each link carries its usable IP addresses too (a second dump).
+    """
     with _open_socket(netns, nonblocking=False) as sock:
         sock.settimeout(DUMP_TIMEOUT)
         sock.bind((0, 0))
         for _ in range(DUMP_RETRIES):
-            links = _dump(sock)
+            links = _dump_links(sock, addresses)
             if links is not None:
                 return links
         raise OSError(errno.EAGAIN, "link dump kept being interrupted by changes")
@@ -223,12 +290,19 @@ def enumerate_links(netns: str | None = None) -> list[Link]:
 class NetlinkSource:
     """An rtnetlink socket subscribed to link events (RTMGRP_LINK), in ``netns``.
 
-    The world model holds no addresses yet, so no address group is joined: a rule that needs
-    addresses will add RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR here, with the world field.
+    With ``addresses`` (some rule tests them) it joins the IPv4 and IPv6 address groups too;
+    without, address changes do not even wake the daemon.
     """
 
-    def __init__(self, netns: str | None = None, *, receive_buffer: int = DEFAULT_RCVBUF) -> None:
+    def __init__(
+        self,
+        netns: str | None = None,
+        *,
+        addresses: bool = False,
+        receive_buffer: int = DEFAULT_RCVBUF,
+    ) -> None:
         self.netns = netns
+        self.addresses = addresses
         self.resyncs = 0
         self.resync_due: float | None = None  # monotonic: a failed re-enumeration is retried
         self.sock = _open_socket(netns, nonblocking=True)
@@ -238,7 +312,10 @@ class NetlinkSource:
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
             except PermissionError:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-            self.sock.bind((0, RTMGRP_LINK))
+            groups = RTMGRP_LINK
+            if addresses:
+                groups |= RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+            self.sock.bind((0, groups))
         except BaseException:
             self.sock.close()
             raise
@@ -310,6 +387,15 @@ class NetlinkSource:
 
     def changes_of(self, data: bytes) -> Iterator[WorldChange]:
         for kind, _flags, _seq, payload in messages(data):
+            if kind in (RTM_NEWADDR, RTM_DELADDR):
+                entry = address_from_message(payload)
+                if entry is not None:
+                    index, address, usable = entry
+                    if kind == RTM_NEWADDR and usable:
+                        yield AddressAdded(index, address)
+                    else:  # deleted, or (again) tentative
+                        yield AddressRemoved(index, address)
+                continue
             if kind not in (RTM_NEWLINK, RTM_DELLINK):
                 continue
             link = link_from_message(payload)
@@ -331,4 +417,5 @@ class NetlinkSource:
                 break
             except OSError:
                 continue
-        return WorldReplaced(devices=None, links=tuple(enumerate_links(self.netns)))
+        links = enumerate_links(self.netns, addresses=self.addresses)
+        return WorldReplaced(devices=None, links=tuple(links))

@@ -10,7 +10,8 @@ reading the capture file. Here are:
     skipped: the daemon listens to udev's events, after its rules ran). Timestamps are
     CLOCK_MONOTONIC seconds.
   * ``ip monitor link``, ``ip -ts monitor link`` (ISO time per line), ``ip -t monitor link``
-    (``Timestamp:`` lines); ``ip -d …`` adds the link kind. Without timestamps, events count as
+    (``Timestamp:`` lines); ``ip -d …`` adds the link kind, ``ip monitor link address`` the
+    addresses (a tentative one is not usable yet, as live). Without timestamps, events count as
     simultaneous.
 
   A file may hold blocks of both kinds (two monitors writing to one file). Each kind keeps its
@@ -24,6 +25,7 @@ succeeds after ``apply_time`` seconds.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import re
 import sys
@@ -49,6 +51,8 @@ from ._reconciler_events import (
 from ._rules import RuleSet
 from ._world import (
     EVENT_ONLY_PROPERTIES,
+    AddressAdded,
+    AddressRemoved,
     Device,
     DeviceMoved,
     DeviceRemoved,
@@ -117,6 +121,10 @@ _IP_TS = re.compile(r"^\[(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)\]\s*")
 _IP_T = re.compile(r"^Timestamp: (?P<date>.+?) (?P<usec>\d+) usec\s*$")
 _IP_LINK = re.compile(
     r"^(?P<deleted>Deleted )?(?P<index>\d+): (?P<name>[^:\s]+): <(?P<flags>[^>]*)>(?P<rest>.*)$"
+)
+_IP_ADDR = re.compile(
+    r"^(?P<deleted>Deleted )?(?P<index>\d+): (?P<name>\S+)\s+inet6? "
+    r"(?P<address>[0-9a-fA-F.:]+/\d+)(?P<rest>.*)$"
 )
 _IP_STATE = re.compile(r"\bstate (\S+)")
 _IP_ADDRESS = re.compile(r"^\s+link/\S+(?: (?P<mac>[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2})+))?")
@@ -196,15 +204,31 @@ def parse_events(text: str, source: str) -> list[TimedChange]:
             except ValueError:
                 raise DumpError(f"{source}:{number}: unreadable timestamp {ts['ts']!r}") from None
             body = line[ts.end() :]
+        if address := _IP_ADDR.match(body):
+            change = _address_change(address, source, number)
+            out.append(TimedChange(when or 0.0, "ip", change, number))
+            continue
         link = _IP_LINK.match(body)
         if link is None:
-            continue  # headers, address or route lines of `ip monitor all`, blank lines
+            continue  # headers, route lines of `ip monitor all`, address details, blank lines
         details: list[str] = []
         while i < len(lines) and lines[i][:1].isspace() and lines[i].strip():
             details.append(lines[i])
             i += 1
         out.append(TimedChange(when or 0.0, "ip", _ip_change(link, details), number))
     return out
+
+
+def _address_change(match: re.Match[str], source: str, number: int) -> WorldChange:
+    index = int(match["index"])
+    try:
+        address = str(ipaddress.ip_interface(match["address"]))
+    except ValueError:
+        raise DumpError(f"{source}:{number}: {match['address']!r} is not an IP address") from None
+    flags = match["rest"].split()
+    if match["deleted"] or "tentative" in flags or "dadfailed" in flags:
+        return AddressRemoved(index, address)
+    return AddressAdded(index, address)
 
 
 def _ip_change(link: re.Match[str], details: list[str]) -> WorldChange:

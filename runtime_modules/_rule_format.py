@@ -38,6 +38,7 @@ from ._rules import (
     Condition,
     DeviceCondition,
     LinkCondition,
+    Networks,
     Not,
     Pattern,
     parse_duration,
@@ -118,6 +119,46 @@ Duration = Annotated[
 Flag = Annotated[bool, PlainValidator(_check_bool), WithJsonSchema({"type": "boolean"})]
 
 
+def _check_networks(value: object) -> object:
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise PydanticCustomError(
+            "empty_list", "an empty list matches nothing", {"hint": "give at least one network"}
+        )
+    for item in items:
+        if not isinstance(item, str):
+            raise PydanticCustomError(
+                "network_type",
+                f"must be an address or network string, or a list of them, not {type_name(item)}",
+                {"hint": 'write e.g. "10.20.0.0/16" or ["192.168.7.0/24", "fd00:7::/64"]'},
+            )
+        try:
+            Networks.of(item)
+        except ValueError as exc:
+            raise PydanticCustomError(
+                "network",
+                f"{item!r} is not an IP address or network ({exc})",
+                {"hint": 'write e.g. "10.20.0.0/16", "fd00::/8", or "0.0.0.0/0" for any IPv4'},
+            ) from None
+    return value
+
+
+NetworkList = Annotated[
+    str | list[str],
+    PlainValidator(_check_networks),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ],
+            "description": 'An IP network ("10.20.0.0/16", "fd00::/8") or address, or a list of '
+            "them of which any may hold.",
+        }
+    ),
+]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -188,6 +229,11 @@ class LinkMatch(_Model):
     )
     carrier: Flag | None = Field(None, description="whether the link has carrier")
     mac: Globs | None = Field(None, description='MAC address, e.g. "00:e0:4c:*"')
+    ip: NetworkList | None = Field(
+        None,
+        description='an address of the link lies in this network, e.g. "10.20.0.0/16"; '
+        '"0.0.0.0/0": any IPv4 address, "::/0": any IPv6 address',
+    )
 
     @field_validator("operstate", mode="after")
     @classmethod
@@ -334,6 +380,13 @@ _ALIASES = {
     "iface": "ifname",
     "state": "operstate",
     "address": "mac",
+    "addr": "ip",
+    "addresses": "ip",
+    "ips": "ip",
+    "network": "ip",
+    "prefix": "ip",
+    "cidr": "ip",
+    "subnet": "ip",
     "type": "kind",
     "module": "modules",
     "rules": "rule",
@@ -464,6 +517,7 @@ def _link(m: LinkMatch) -> LinkCondition:
         operstate=_pattern(m.operstate),
         carrier=m.carrier,
         mac=_pattern(m.mac),
+        ip=None if m.ip is None else Networks.of(m.ip),
     )
 
 

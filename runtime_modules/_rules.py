@@ -20,6 +20,7 @@ hint. The format reference is docs/rules.md; these two modules are its implement
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import re
@@ -41,6 +42,7 @@ __all__ = [
     "DeviceCondition",
     "LinkCondition",
     "Needs",
+    "Networks",
     "Not",
     "Pattern",
     "Rule",
@@ -124,6 +126,41 @@ class Pattern:
         return "[" + ", ".join(g.pattern for g in self.globs) + "]"
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Networks:
+    """An address test: some address of the link lies in one of these networks.
+
+    "10.20.0.0/16" holds for 10.20.3.4/24; "0.0.0.0/0" for any IPv4 address, "::/0" for any IPv6
+    one; a plain address ("192.168.1.5") for that address only.
+    """
+
+    networks: tuple[IPNetwork, ...]
+
+    @classmethod
+    def of(cls, value: str | Sequence[str]) -> Networks:
+        """Raises ValueError for what is not an address or a network."""
+        items = (value,) if isinstance(value, str) else tuple(value)
+        return cls(tuple(ipaddress.ip_network(item.strip(), strict=False) for item in items))
+
+    def match(self, addresses: Iterable[str]) -> bool:
+        for text in addresses:
+            try:
+                ip = ipaddress.ip_interface(text).ip
+            except ValueError:
+                continue
+            # ``in`` is False across versions (an IPv4 address in an IPv6 network), never raises.
+            if any(ip in net for net in self.networks):
+                return True
+        return False
+
+    def __str__(self) -> str:
+        texts = [str(n) for n in self.networks]
+        return texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceCondition:
     """Some udev device matches every key given (None / empty: not tested)."""
@@ -160,6 +197,7 @@ class LinkCondition:
     operstate: Pattern | None = None
     carrier: bool | None = None
     mac: Pattern | None = None
+    ip: Networks | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +246,7 @@ class Needs:
     attributes: frozenset[str]  # the sysfs attributes conditions test
     links: bool  # some rule has a link condition
     devices: bool  # some rule has a device condition
+    addresses: bool = False  # some link condition tests IP addresses (`ip`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,14 +288,19 @@ class RuleSet:
             elif tags is not None:
                 tags |= required
             attributes.update(k for k, _ in device.attributes)
+        addresses = False
         for r in self.rules:
-            links = links or any(isinstance(c, LinkCondition) for c in walk(r.when))
+            for c in walk(r.when):
+                if isinstance(c, LinkCondition):
+                    links = True
+                    addresses = addresses or c.ip is not None
         return Needs(
             subsystems=None if subsystems is None else frozenset(subsystems),
             tags=frozenset(tags or ()),
             attributes=frozenset(attributes),
             links=links,
             devices=devices,
+            addresses=addresses,
         )
 
 

@@ -2,7 +2,7 @@
 
 A ``World`` holds udev devices (keyed by devpath) and network links (keyed by interface index).
 It is built by a source (live enumeration, a udev database dump, a umockdev recording, ``ip -j
-link`` output) and kept current by ``WorldChange`` values that the sources translate events into.
+addr`` output) and kept current by ``WorldChange`` values that the sources translate events into.
 No I/O happens here: sources do the reading, this module only holds and updates the facts.
 
 Ancestors are not stored as pointers: a device's ancestors are the devices whose devpath is a
@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import enum
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -71,6 +71,10 @@ class Link:
     operstate: OperState = OperState.UNKNOWN
     carrier: bool | None = None
     mac: str | None = None  # lower-case "aa:bb:cc:dd:ee:ff"
+    # Usable IP addresses with their prefix length ("10.20.0.5/16", "fd00::5/64"), as RTM_NEWADDR
+    # or ``ip -j addr`` reports them; only read when a rule tests addresses. Link messages do not
+    # carry them, so a ``LinkUpsert`` keeps what the world knew (see ``World.apply``).
+    addresses: frozenset[str] = frozenset()
 
 
 # --- changes -------------------------------------------------------------------------------
@@ -109,6 +113,22 @@ class LinkRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class AddressAdded:
+    """The link ``index`` has the usable address ``address`` ("10.20.0.5/16") now."""
+
+    index: int
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRemoved:
+    """The link ``index`` no longer has the usable address ``address``."""
+
+    index: int
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class WorldReplaced:
     """A full re-enumeration: the new truth replaces everything (coldplug, overrun recovery).
 
@@ -119,7 +139,16 @@ class WorldReplaced:
     links: tuple[Link, ...] | None
 
 
-WorldChange = DeviceUpsert | DeviceRemoved | DeviceMoved | LinkUpsert | LinkRemoved | WorldReplaced
+WorldChange = (
+    DeviceUpsert
+    | DeviceRemoved
+    | DeviceMoved
+    | LinkUpsert
+    | LinkRemoved
+    | AddressAdded
+    | AddressRemoved
+    | WorldReplaced
+)
 
 
 # Keys that describe one uevent, not the device: without them an event's device equals the same
@@ -179,9 +208,22 @@ class World:
                 self._drop(old_devpath)
                 self._put(device)
             case LinkUpsert(link):
+                known = self.links.get(link.index)
+                if known is not None and known.addresses and not link.addresses:
+                    # A link message says nothing of addresses (a rename or a carrier change
+                    # keeps them); only address messages and re-enumerations change them.
+                    link = replace(link, addresses=known.addresses)
                 self.links[link.index] = link
             case LinkRemoved(index):
                 self.links.pop(index, None)
+            case AddressAdded(index, address):
+                # An address of a link not known yet is dropped: its RTM_NEWLINK comes first,
+                # and after a lost one the re-enumeration brings link and addresses together.
+                if (known := self.links.get(index)) is not None:
+                    self.links[index] = replace(known, addresses=known.addresses | {address})
+            case AddressRemoved(index, address):
+                if (known := self.links.get(index)) is not None and address in known.addresses:
+                    self.links[index] = replace(known, addresses=known.addresses - {address})
             case WorldReplaced(devices, links):
                 if devices is not None:
                     self.devices = {d.devpath: d for d in devices}

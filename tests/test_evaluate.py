@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from runtime_modules._evaluate import Evaluation, IncrementalEvaluator, RuleResult, evaluate
 from runtime_modules._rules import RuleSet, parse_rules
 from runtime_modules._world import (
+    AddressAdded,
+    AddressRemoved,
     Device,
     DeviceMoved,
     DeviceRemoved,
@@ -107,6 +109,52 @@ def test_links() -> None:
     assert holds('[rule.when.link]\nmac = "02:00:00:00:00:0A"\ncarrier = true', world).holds
     assert not holds('[rule.when.link]\nifname = "lab0"\ncarrier = false', world).holds
     assert holds('[rule.when.link]\nkind = ""', world) == RuleResult(True, ("lo",))
+
+
+def test_link_addresses() -> None:
+    lab = Link(index=3, ifname="lab0", operstate=OperState.UP,
+               addresses=frozenset({"10.20.0.5/16", "fd00:7::5/64"}))  # fmt: skip
+    world = World.of([], [lab, Link(index=1, ifname="lo", addresses=frozenset({"127.0.0.1/8"}))])
+    assert holds('[rule.when.link]\nip = "10.20.0.0/16"', world) == RuleResult(True, ("lab0",))
+    assert holds('[rule.when.link]\nip = "fd00::/8"', world) == RuleResult(True, ("lab0",))
+    assert holds('[rule.when.link]\nip = "0.0.0.0/0"', world) == RuleResult(True, ("lab0", "lo"))
+    assert holds('[rule.when.link]\nip = "10.20.0.5"', world).holds  # an address: that one
+    assert not holds('[rule.when.link]\nip = "10.20.0.6"', world).holds
+    # Versions never cross: an IPv4 address is in no IPv6 network, even ::/0.
+    assert holds('[rule.when.link]\nip = "::/0"', world) == RuleResult(True, ("lab0",))
+    assert not holds('[rule.when.link]\nip = ["10.21.0.0/16", "fd01::/16"]', world).holds
+    assert not holds('[rule.when.link]\nip = "10.20.0.0/16"\nifname = "lo"', world).holds
+
+
+def test_incremental_follows_addresses() -> None:
+    rules = rules_of('[rule.when.link]\nip = "10.20.0.0/16"\noperstate = "up"')
+    world = World.of([], [Link(index=3, ifname="lab0", operstate=OperState.UP)])
+    steps: list[WorldChange] = [
+        AddressAdded(3, "10.20.0.5/16"),
+        LinkUpsert(Link(index=3, ifname="lab1", operstate=OperState.UP)),  # a rename keeps it
+        AddressAdded(3, "fd00::5/64"),
+        AddressRemoved(3, "10.20.0.5/16"),
+        AddressAdded(9, "10.20.0.9/16"),  # of a link not known: dropped
+        AddressAdded(3, "10.20.0.6/16"),
+        LinkRemoved(3),
+    ]
+    inc = IncrementalEvaluator(rules)
+    inc.reset(world)
+    seen = []
+    for change in steps:
+        world.apply(change)
+        changed = inc.update(world, change)
+        assert inc.results() == evaluate(rules, world), change
+        seen.append((inc.results()["r0"], changed))
+    assert seen == [
+        (RuleResult(True, ("lab0",)), {"r0"}),
+        (RuleResult(True, ("lab1",)), {"r0"}),
+        (RuleResult(True, ("lab1",)), set()),
+        (RuleResult(False, ()), {"r0"}),
+        (RuleResult(False, ()), set()),
+        (RuleResult(True, ("lab1",)), {"r0"}),
+        (RuleResult(False, ()), {"r0"}),
+    ]
 
 
 def test_combinators() -> None:

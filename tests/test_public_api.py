@@ -7,6 +7,8 @@ import runtime_modules
 
 PUBLIC = [
     "Action",
+    "AddressAdded",
+    "AddressRemoved",
     "AppliedKnown",
     "Applier",
     "ApplyCancelled",

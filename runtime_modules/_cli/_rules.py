@@ -115,7 +115,7 @@ def _add_world_arguments(p: argparse.ArgumentParser, *, many: bool = True) -> No
         type=Path,
         default=[],
         metavar="FILE",
-        help="`ip -j -d link` output",
+        help="`ip -j -d link` output, or `ip -j -d addr` for rules that test addresses",
     )
 
 
@@ -201,7 +201,7 @@ def live_world(needs: Needs | None) -> World:
         from .._netlink_source import enumerate_links
 
         try:
-            links = enumerate_links()
+            links = enumerate_links(addresses=needs is None or needs.addresses)
         except OSError as exc:
             raise RuntimeModulesError(
                 f"cannot read the network links: {exc}; explain a recording with --links FILE"
