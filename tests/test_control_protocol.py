@@ -125,3 +125,20 @@ def test_answers_of_unknown_kinds_are_skipped_and_bad_ones_named() -> None:
         parse_response(b"{nope")
     with pytest.raises(ControlError, match="cannot read"):
         parse_response(b'{"v": 1, "type": "done"}')  # `ok` and `result` are missing
+
+
+def test_address_changes_are_link_events_naming_the_link() -> None:
+    from runtime_modules._control_events import events_of
+    from runtime_modules._daemon_events import WorldChanged
+    from runtime_modules._world import AddressAdded, AddressRemoved, Link, World
+
+    world = World.of([], [Link(index=3, ifname="lab0")])
+    notice = WorldChanged(
+        "netlink", (AddressAdded(3, "10.20.0.5/16"), AddressRemoved(9, "fd00::5/64"))
+    )
+    added, removed = events_of(notice, world, wall=1.0, to_wall=lambda t: t)
+    assert (added.kind, added.text) == ("link", "address 10.20.0.5/16 added to lab0")
+    assert added.data == {"source": "netlink", "action": "address-add", "ifname": "lab0",
+                          "index": 3, "address": "10.20.0.5/16"}  # fmt: skip
+    assert removed.text == "address fd00::5/64 removed from #9"  # a link not known (any more)
+    assert removed.data["action"] == "address-remove"

@@ -88,6 +88,53 @@ def test_link_up_applies_once_after_settle(
     assert _starts(fake_system) == 1
 
 
+_ADDRESS_RULE = """
+[[rule]]
+name = "lab-network"
+modules = ["podman"]
+settle = "0.1s"
+linger = "0.3s"
+[rule.when.link]
+operstate = "up"
+ip = ["10.20.0.0/16", "fd00:20::/48"]
+"""
+
+
+def test_an_address_in_the_lab_network_brings_the_module(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    _veth(netns, up=True)
+    daemon = make_daemon(_ADDRESS_RULE)
+    assert daemon.sources.needs.addresses  # the rule tests addresses: the groups are joined
+    _settle_down(daemon, 0.3)
+    assert daemon.applied == frozenset()  # up, but no address in the network yet
+    ip_netns(netns, "addr", "add", "10.21.0.5/16", "dev", "va")  # another network
+    _settle_down(daemon, 0.3)
+    assert daemon.applied == frozenset() and _starts(fake_system) == 0
+    ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "va")
+    assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
+    # Link messages (a carrier change, a rename) keep the address: nothing churns.
+    ip_netns(netns, "link", "set", "va", "mtu", "1400")
+    _settle_down(daemon, 0.5)
+    assert daemon.applied == {"podman"} and _starts(fake_system) == 1
+    ip_netns(netns, "addr", "del", "10.20.0.5/16", "dev", "va")
+    assert daemon.run_until(lambda: daemon.applied == frozenset(), 10)
+    assert _starts(fake_system) == 2
+
+
+def test_a_restart_sees_the_addresses_present(
+    make_daemon: Any, netns: str, fake_system: FakeSystem
+) -> None:
+    _veth(netns, up=True)
+    ip_netns(netns, "addr", "add", "fd00:20::5/64", "dev", "vb", "nodad")
+    daemon = make_daemon(_ADDRESS_RULE)  # coldplug dumps the addresses with the links
+    assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
+    daemon.close()
+    again = make_daemon(_ADDRESS_RULE)
+    _settle_down(again, 0.5)
+    assert again.applied == {"podman"} and _starts(fake_system) == 1  # present: nothing to apply
+
+
 def test_nic_flapping_fifty_times_makes_at_most_one_apply(
     make_daemon: Any, netns: str, fake_system: FakeSystem
 ) -> None:

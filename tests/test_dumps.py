@@ -256,6 +256,27 @@ def test_ip_link_json_of_a_real_namespace(netns: str, tmp_path: Path) -> None:
     )
 
 
+def test_ip_addr_json_carries_the_usable_addresses(netns: str, tmp_path: Path) -> None:
+    from runtime_modules._netlink_source import enumerate_links
+
+    ip_netns(netns, "link", "add", "lab0", "type", "veth", "peer", "name", "peer0")
+    ip_netns(netns, "link", "set", "peer0", "up")
+    ip_netns(netns, "link", "set", "lab0", "up")
+    ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "lab0")
+    ip_netns(netns, "addr", "add", "fd00:7::5/64", "dev", "lab0", "nodad")
+    ip_netns(netns, "addr", "add", "fd00:8::5/64", "dev", "peer0")  # tentative for a second
+    out = tmp_path / "addr.json"
+    with out.open("w") as f:
+        subprocess.run(["ip", "-n", netns, "-j", "-d", "addr"], stdout=f, check=True)
+    live = {link.ifname: link.addresses for link in enumerate_links(netns, addresses=True)}
+    links = {link.ifname: link for link in read_ip_link_json(out)}
+    assert {"10.20.0.5/16", "fd00:7::5/64"} <= links["lab0"].addresses
+    assert "fd00:8::5/64" not in links["peer0"].addresses  # tentative: not usable yet
+    # The recording reads as the live source sees the same moment (DAD may have passed since).
+    assert links["lab0"].addresses == live["lab0"] and links["lo"].addresses == live["lo"]
+    assert links["lab0"].kind == "veth" and links["lab0"].operstate is OperState.UP
+
+
 def test_ip_link_down_and_errors() -> None:
     down = {"ifindex": 4, "ifname": "eth0", "flags": ["BROADCAST"], "operstate": "DOWN"}
     (link,) = parse_ip_link_json(json.dumps([down]), "l.json")
@@ -266,6 +287,11 @@ def test_ip_link_down_and_errors() -> None:
         ('[{"ifname": "x"}]', "entry 1: `ifindex`"),
         ('[{"ifindex": 1, "ifname": ""}]', "entry 1: `ifname`"),
         ("[3]", "entry 1: must be an object"),
+        ('[{"ifindex": 1, "ifname": "x", "addr_info": 3}]', "entry 1 (x): `addr_info`"),
+        (
+            '[{"ifindex": 1, "ifname": "x", "addr_info": [{"family": "inet", "local": "1.2.3"}]}]',
+            "'1.2.3'/None is not an IP address",
+        ),
     ]:
         with pytest.raises(DumpError) as info:
             parse_ip_link_json(text, "l.json")

@@ -102,6 +102,36 @@ when.not.device = { subsystem = "pci" }
     )
 
 
+def test_addresses_in_words_and_near_misses() -> None:
+    text = """
+[[rule]]
+name = "lab-vpn"
+modules = ["lab"]
+when.link = { operstate = "up", ip = ["10.20.0.0/16", "fd00:20::/48"] }
+"""
+    rules = parse_rules(text, "r.toml")
+    lab0 = Link(index=2, ifname="lab0", operstate=OperState.UP,
+                addresses=frozenset({"192.168.1.7/24", "fe80::1/64"}))  # fmt: skip
+    bare = Link(index=3, ifname="lab1", operstate=OperState.UP)
+    (lab,) = explained(rules, World.of([], [lab0, bare]))
+    assert lab.text() == (
+        "rule lab-vpn: no link with operstate=up and ip=[10.20.0.0/16, fd00:20::/48]; "
+        "closest: lab0 has ip=192.168.1.7/24 fe80::1/64"
+    )
+    closest = lab.to_json()["condition"]["closest"]
+    assert [(c["match"], c["differs"]) for c in closest] == [
+        ("lab0", [{"key": "ip", "wanted": "[10.20.0.0/16, fd00:20::/48]",
+                   "actual": "192.168.1.7/24 fe80::1/64"}]),
+        ("lab1", [{"key": "ip", "wanted": "[10.20.0.0/16, fd00:20::/48]", "actual": None}]),
+    ]  # fmt: skip
+    (alone,) = explained(rules, World.of([], [bare]))
+    assert alone.text().endswith("closest: lab1 has no IP address")
+    on = World.of([], [Link(index=2, ifname="lab0", operstate=OperState.UP,
+                            addresses=frozenset({"10.20.3.4/24"}))])  # fmt: skip
+    (lab,) = explained(rules, on)
+    assert lab.to_json()["active"] is True and lab.to_json()["matches"] == ["lab0"]
+
+
 def test_modules_filter_and_json(recordings: dict[str, World], example_rules: RuleSet) -> None:
     found = explained(example_rules, recordings["dell-edge"], ["virtualization"])
     assert [e.rule for e in found] == ["virtualization-when-docked"]

@@ -14,6 +14,8 @@ import pytest
 from runtime_modules._errors import ConfigError
 from runtime_modules._netlink_source import NetlinkSource, enumerate_links
 from runtime_modules._world import (
+    AddressAdded,
+    AddressRemoved,
     Link,
     LinkRemoved,
     LinkUpsert,
@@ -204,3 +206,100 @@ def test_the_daemon_retries_a_failed_re_enumeration_on_its_timer(
     # No event comes any more: only the timer's retry can bring the links in.
     assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
     assert daemon.world.link_by_name("va") is not None
+
+
+# --- addresses ------------------------------------------------------------------------------
+
+
+def _addresses(world: World, ifname: str) -> frozenset[str]:
+    link = world.link_by_name(ifname)
+    return link.addresses if link is not None else frozenset()
+
+
+def test_address_events_follow_adds_dad_and_removals(netns: str) -> None:
+    ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    world = World.of(links=enumerate_links(netns, addresses=True))
+    with NetlinkSource(netns, addresses=True) as source:
+        ip_netns(netns, "link", "set", "va", "up")
+        ip_netns(netns, "link", "set", "vb", "up")
+        ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "va")
+        ip_netns(netns, "addr", "add", "fd00:7::5/64", "dev", "va")  # with duplicate detection
+
+        def wanted(seen: list[WorldChange]) -> bool:
+            for change in seen:
+                world.apply(change)
+            seen.clear()
+            return {"10.20.0.5/16", "fd00:7::5/64"} <= _addresses(world, "va")
+
+        _read_until(source, wanted)
+        assert {"10.20.0.5/16", "fd00:7::5/64"} <= _addresses(world, "va")
+        ip_netns(netns, "addr", "del", "10.20.0.5/16", "dev", "va")
+        seen = _read_until(source, lambda s: any(isinstance(c, AddressRemoved) for c in s))
+        index = world.link_by_name("va").index  # type: ignore[union-attr]
+        assert AddressRemoved(index, "10.20.0.5/16") in seen
+        for change in seen:
+            world.apply(change)
+        assert "10.20.0.5/16" not in _addresses(world, "va")
+        # What the events built is what a fresh dump says (link-local addresses included).
+        _read_until(source, lambda s: False, timeout=0.2)
+        assert world == World.of(links=enumerate_links(netns, addresses=True))
+
+
+def test_a_tentative_address_counts_once_it_is_usable(netns: str) -> None:
+    ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    ip_netns(netns, "link", "set", "va", "up")
+    ip_netns(netns, "link", "set", "vb", "up")
+    with NetlinkSource(netns, addresses=True) as source:
+        ip_netns(netns, "addr", "add", "fd00:7::5/64", "dev", "va")
+        early = {link.ifname: link for link in enumerate_links(netns, addresses=True)}
+        seen = _read_until(source, lambda s: any(isinstance(c, AddressAdded) for c in s))
+    # The address was tentative right after `ip addr add` (DAD runs about a second), and only
+    # the kernel's second RTM_NEWADDR, once DAD passed, made it usable.
+    assert "fd00:7::5/64" not in early["va"].addresses
+    index = early["va"].index
+    assert AddressRemoved(index, "fd00:7::5/64") in seen  # the tentative one: not usable
+    assert seen.index(AddressRemoved(index, "fd00:7::5/64")) < seen.index(
+        AddressAdded(index, "fd00:7::5/64")
+    )
+
+
+def test_without_address_rules_address_changes_are_not_heard(netns: str) -> None:
+    ip_netns(netns, "link", "add", "va", "type", "veth")
+    with NetlinkSource(netns) as source:
+        ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "va")
+        ip_netns(netns, "link", "set", "lo", "up")  # a marker after the address
+        seen = _read_until(source, lambda s: _last(s, "lo") is not None)
+    assert _last(seen, "lo") is not None
+    assert not any(isinstance(c, AddressAdded | AddressRemoved) for c in seen)
+    assert all(not link.addresses for link in enumerate_links(netns))  # not even dumped
+
+
+def test_our_address_decoder_agrees_with_pyroute2(netns: str) -> None:
+    from pyroute2 import IPRoute
+
+    ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    ip_netns(netns, "link", "set", "lo", "up")
+    ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "va")
+    ip_netns(netns, "addr", "add", "192.168.7.1", "peer", "192.168.7.2", "dev", "vb")  # ptp
+    ip_netns(netns, "addr", "add", "fd00:7::5/64", "dev", "vb", "nodad")
+    with IPRoute(netns=netns, flags=0) as ipr:
+        theirs: dict[int, set[str]] = {}
+        for msg in ipr.get_addr():
+            local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            theirs.setdefault(msg["index"], set()).add(f"{local}/{msg['prefixlen']}")
+    ours = {link.index: set(link.addresses) for link in enumerate_links(netns, addresses=True)}
+    assert {i: a for i, a in ours.items() if a} == theirs
+    by_name = {link.ifname: link for link in enumerate_links(netns, addresses=True)}
+    assert by_name["lo"].addresses == {"127.0.0.1/8", "::1/128"}
+    assert by_name["vb"].addresses == {"192.168.7.1/32", "fd00:7::5/64"}  # the local end
+
+
+def test_overrun_with_addresses_re_enumerates_them_too(netns: str) -> None:
+    with NetlinkSource(netns, addresses=True, receive_buffer=1) as source:
+        _overrun(netns)
+        ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "va")
+        changes = source.read()
+        assert len(changes) == 1 and isinstance(changes[0], WorldReplaced)
+        world = World()
+        world.apply(changes[0])
+        assert _addresses(world, "va") == {"10.20.0.5/16"}

@@ -35,6 +35,8 @@ from runtime_modules._replay import (
 )
 from runtime_modules._rules import RuleSet, load_rules, parse_rules
 from runtime_modules._world import (
+    AddressAdded,
+    AddressRemoved,
     DeviceMoved,
     DeviceRemoved,
     DeviceUpsert,
@@ -109,6 +111,21 @@ IP_D = """\
     addrgenmode eui64 numtxqueues 1 numrxqueues 1 gso_max_size 65536 gso_max_segs 65535 
 """
 
+# `ip -ts monitor link address` on a veth: an IPv4 address, an IPv6 one first tentative (duplicate
+# address detection) then usable, and the IPv4 one deleted.
+IP_ADDR = """\
+[2026-11-22T07:05:07.905384] 3: va@vb: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP group default 
+    link/ether 56:0e:a1:fb:23:81 brd ff:ff:ff:ff:ff:ff
+[2026-11-22T07:05:07.906898] 3: va    inet 10.20.0.5/16 scope global va
+       valid_lft forever preferred_lft forever
+[2026-11-22T07:05:07.908708] 3: va    inet6 fd00:7::5/64 scope global tentative 
+       valid_lft forever preferred_lft forever
+[2026-11-22T07:05:08.212156] Deleted 3: va    inet 10.20.0.5/16 scope global va
+       valid_lft forever preferred_lft forever
+[2026-11-22T07:05:09.838627] 3: va    inet6 fd00:7::5/64 scope global 
+       valid_lft forever preferred_lft forever
+"""
+
 LINK_RULES = """
 [[rule]]
 name = "va-up"
@@ -157,6 +174,23 @@ def test_ip_monitor_lines_become_link_changes() -> None:
     assert up.link.mac == "da:8c:34:66:36:bc"
     assert isinstance(first, LinkUpsert) and first.link.carrier is False
     assert deleted == LinkRemoved(3)
+
+
+def test_ip_monitor_address_lines_become_address_changes(tmp_path: Path) -> None:
+    events = parse_events(IP_ADDR, "capture")
+    assert [e.change for e in events[1:]] == [
+        AddressAdded(3, "10.20.0.5/16"),
+        AddressRemoved(3, "fd00:7::5/64"),  # tentative: not usable yet
+        AddressRemoved(3, "10.20.0.5/16"),
+        AddressAdded(3, "fd00:7::5/64"),
+    ]
+    assert events[-1].time - events[0].time == pytest.approx(1.933243, abs=1e-5)
+    rules = _rules(LINK_RULES.replace('ifname = "va"', 'ip = "fd00::/8"').replace('"1s"', '"0.5s"'))
+    capture = tmp_path / "addresses.txt"
+    capture.write_text(IP_ADDR)
+    decisions = replay(capture, rules, World(), applied=frozenset())
+    activated = next(d for d in decisions if type(d.action).__name__ == "RuleActivated")
+    assert activated.time == pytest.approx(1.933243 + 0.5, abs=1e-5)  # from the usable one
 
 
 def test_ip_dash_t_timestamps_and_dash_d_kinds() -> None:
@@ -347,6 +381,9 @@ _LINES = st.sampled_from(
         '7: "quoted\\name: <NO-CARRIER> state bogus',
         "    link/ether 02:00:00:00:00:01 brd ff:ff:ff:ff:ff:ff",
         "    link/none",
+        "3: va    inet 10.20.0.5/16 scope global va",
+        "Deleted 3: va    inet6 fd00::1/129 scope global",
+        "3: va    inet 999.1.1.1/8 scope global tentative",
         "    veth",
         "",
     ]

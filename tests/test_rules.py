@@ -195,6 +195,13 @@ def test_needs() -> None:
     assert only.subsystems == frozenset({"pci", "net", "usb"})  # parents' subsystems included
     assert parse_rules(tagged, "r.toml").needs().tags == frozenset({"seat"})  # "u*" is no filter
     assert RuleSet().needs() == Needs(frozenset(), frozenset(), frozenset(), False, False)
+    assert not needs.addresses  # no rule tests an address: no address group is joined
+    for when in (
+        '[rule.when.link]\nip = "10.20.0.0/16"',
+        '[[rule.when.any]]\ndevice.subsystem = "pci"\n[[rule.when.any]]\nnot.link.ip = "::/0"',
+    ):
+        addressed = parse_rules(rule(when), "r.toml").needs()
+        assert addressed.addresses and addressed.links, when
 
 
 # --- errors: file, rule, field, hint --------------------------------------------------------
@@ -225,6 +232,8 @@ def test_unknown_keys_get_did_you_mean() -> None:
             "properties = { PCI_ID = … }",
         ),
         ('[rule.when.link]\nstate = "up"', "when.link.state", "`operstate`"),
+        ('[rule.when.link]\naddr = "10.0.0.0/8"', "when.link.addr", "`ip`"),
+        ('[rule.when.link]\nsubnet = "10.0.0.0/8"', "when.link.subnet", "`ip`"),
         (
             '[rule.when.device]\nsubsystem = "pci"\n[rule.when.device.parent]\nvendor = "x"',
             "when.device.parent.vendor",
@@ -337,6 +346,11 @@ def test_bad_durations_name_the_field(value: str) -> None:
             "matches no operational state",
         ),
         ('[rule.when.link]\ncarrier = "yes"', "when.link.carrier", "must be true or false"),
+        ('[rule.when.link]\nip = "10.20.0.0/33"', "when.link.ip", "not an IP address or network"),
+        ('[rule.when.link]\nip = "lab"', "when.link.ip", "'lab' is not an IP address or network"),
+        ('[rule.when.link]\nip = ["10.0.0.0/8", 7]', "when.link.ip", "not a number"),
+        ("[rule.when.link]\nip = []", "when.link.ip", "an empty list matches nothing"),
+        ('[rule.when.link]\nip = "10.*"', "when.link.ip", "is not an IP address or network"),
         (
             '[rule.when.device]\nattributes = { "../../etc/shadow" = "x" }',
             "when.device.attributes",

@@ -1,6 +1,8 @@
 """The world model: changes are idempotent and ancestors are path prefixes."""
 
 from runtime_modules import (
+    AddressAdded,
+    AddressRemoved,
     Device,
     DeviceMoved,
     DeviceRemoved,
@@ -86,3 +88,26 @@ def test_removal_takes_exactly_the_subtree() -> None:
     world.apply(DeviceUpsert(kids[0]))
     world.apply(DeviceUpsert(kids[0]))
     assert world.descendants(hub.devpath) == [kids[0].devpath]
+
+
+def test_addresses_follow_address_changes_and_survive_link_messages() -> None:
+    world = World.of(links=[Link(index=3, ifname="eth0")])
+    world.apply(AddressAdded(3, "10.20.0.5/16"))
+    world.apply(AddressAdded(3, "10.20.0.5/16"))  # idempotent
+    world.apply(AddressAdded(3, "fd00::5/64"))
+    world.apply(AddressAdded(9, "10.0.0.9/8"))  # a link not known yet: its RTM_NEWLINK comes first
+    assert world.links[3].addresses == {"10.20.0.5/16", "fd00::5/64"} and 9 not in world.links
+    # A link message (rename, carrier) says nothing of addresses: they stay.
+    world.apply(LinkUpsert(Link(index=3, ifname="lab0", operstate=OperState.UP)))
+    assert world.links[3].ifname == "lab0"
+    assert world.links[3].addresses == {"10.20.0.5/16", "fd00::5/64"}
+    world.apply(AddressRemoved(3, "10.20.0.5/16"))
+    world.apply(AddressRemoved(3, "10.20.0.5/16"))
+    assert world.links[3].addresses == {"fd00::5/64"}
+    # A re-enumeration is the truth, addresses included; a removed link takes them along.
+    world.apply(WorldReplaced(devices=None, links=(Link(index=3, ifname="lab0"),)))
+    assert world.links[3].addresses == frozenset()
+    world.apply(AddressAdded(3, "10.1.0.1/24"))
+    world.apply(LinkRemoved(3))
+    world.apply(LinkUpsert(Link(index=3, ifname="lab0")))
+    assert world.links[3].addresses == frozenset()
