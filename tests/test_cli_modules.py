@@ -169,6 +169,15 @@ def test_enable_disable_reset_rebuild(cli: FakeSystem, capsys: pytest.CaptureFix
     assert state.last_apply.reason == "reset (runtime-modules by root)"
 
 
+def test_rebuild_takes_force_like_the_reference(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "enable", "podman")[0] == ExitCode.OK
+    code, out, err = run(capsys, "rebuild", "--force")
+    assert (code, out.startswith("rebuilt with podman")) == (ExitCode.OK, True), err
+    assert len(cli.records("start")) == 2  # rebuilt: --force changes nothing, rebuild always does
+
+
 def test_flags_before_and_after_the_verb(
     cli: FakeSystem, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -79,13 +79,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_reset)
 
     p = add("rebuild", "Rebuild and switch to what is wanted now (always runs nixos-rebuild).")
-    _apply_flags(p, force=False)
+    # The reference CLI's `rebuild --force` keeps working: rebuild always rebuilds anyway.
+    _apply_flags(p, force_help="changes nothing: rebuild always rebuilds (kept for habit)")
     p.set_defaults(func=cmd_rebuild)
 
 
-def _apply_flags(p: argparse.ArgumentParser, *, force: bool = True) -> None:
-    if force:
-        p.add_argument("--force", action="store_true", help="rebuild even when nothing changes")
+def _apply_flags(
+    p: argparse.ArgumentParser, *, force_help: str = "rebuild even when nothing changes"
+) -> None:
+    p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument(
         "--no-wait",
         action="store_true",
