@@ -421,11 +421,13 @@ def _parse(
     source: str,
     default_settle: float,
     default_linger: float,
+    known_modules: frozenset[str] | None = None,
 ) -> tuple[list[Rule], list[RuleProblem]]:
     """The valid rules of one file, and the problems of the others.
 
     Each ``[[rule]]`` is validated on its own, so one broken rule does not hide the duplicate
-    names or unknown modules of the rest of the file.
+    names or unknown modules of the rest of the file; nor do its other problems hide its own
+    unknown modules (the valid rules' modules are checked with the whole set, by ``_check_set``).
     """
     try:
         data = _decode(content, source)
@@ -459,7 +461,11 @@ def _parse(
         try:
             m = RuleModel.model_validate(raw, by_alias=True, by_name=False)
         except ValidationError as exc:
-            problems.extend(problems_from(exc, raw, index, source))
+            found = problems_from(exc, raw, index, source)
+            problems.extend(found)
+            modules = raw.get("modules") if isinstance(raw, dict) else None
+            if known_modules is not None and isinstance(modules, list) and found:
+                problems.extend(_unknown_modules(source, found[0].rule, modules, known_modules))
             continue
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # What a validator did not foresee is still a problem of this rule, not a crash:
@@ -506,25 +512,33 @@ def _check_set(
         first[r.name] = r
         if known_modules is None:
             continue
-        for module in r.modules:
-            if module not in known_modules:
-                close = difflib.get_close_matches(module, sorted(known_modules), n=1, cutoff=0.5)
-                if close:
-                    hint = f"did you mean `{close[0]}`?"
-                elif known_modules:
-                    hint = "known modules: " + ", ".join(sorted(known_modules))
-                else:
-                    hint = "the registry lists no modules"
-                problems.append(
-                    RuleProblem(
-                        r.source,
-                        r.name,
-                        f"modules[{r.modules.index(module)}]",
-                        f"unknown module `{module}` (not in the registry)",
-                        hint,
-                    )
-                )
+        problems.extend(_unknown_modules(r.source, r.name, r.modules, known_modules))
     return list(first.values()), problems
+
+
+def _unknown_modules(
+    source: str, rule: str | None, modules: Sequence[object], known_modules: frozenset[str]
+) -> Iterable[RuleProblem]:
+    """A problem for each module name in ``modules`` that the registry does not list."""
+    for index, module in enumerate(modules):
+        if not isinstance(module, str) or not MODULE_NAME.fullmatch(module):
+            continue  # not a name at all: the format check says so
+        if module in known_modules or module in modules[:index]:
+            continue
+        close = difflib.get_close_matches(module, sorted(known_modules), n=1, cutoff=0.5)
+        if close:
+            hint = f"did you mean `{close[0]}`?"
+        elif known_modules:
+            hint = "known modules: " + ", ".join(sorted(known_modules))
+        else:
+            hint = "the registry lists no modules"
+        yield RuleProblem(
+            source,
+            rule,
+            f"modules[{index}]",
+            f"unknown module `{module}` (not in the registry)",
+            hint,
+        )
 
 
 def parse_rules(
@@ -543,7 +557,7 @@ def parse_rules(
     Raises:
         RuleError: with every problem found.
     """
-    rules, problems = _parse(content, source, default_settle, default_linger)
+    rules, problems = _parse(content, source, default_settle, default_linger, known_modules)
     rules, more = _check_set(rules, known_modules)
     if problems or more:
         raise RuleError(problems + more)
@@ -635,7 +649,7 @@ def load_rules(
         if isinstance(content, RuleProblem):
             problems.append(content)
             continue
-        found, more = _parse(content, str(path), default_settle, default_linger)
+        found, more = _parse(content, str(path), default_settle, default_linger, known_modules)
         rules.extend(found)
         problems.extend(more)
     rules, more = _check_set(rules, known_modules)

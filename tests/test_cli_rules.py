@@ -76,9 +76,12 @@ def test_check_prints_every_problem_and_fails(
     assert lines == [
         f"{bad}: rule a: when.device.propertis: unknown key `propertis` "
         "(did you mean `properties`?)",
+        # A rule's other problems do not hide its unknown modules: all is said at once.
+        f"{bad}: rule a: modules[0]: unknown module `gamin` (not in the registry) "
+        "(did you mean `gaming`?)",
         f"{bad}: rule b: settle: 'soon' is not a duration; "
         'write e.g. "500ms", "3s", "2m", "1m30s" or a number of seconds',
-        "rules check failed: 2 problems in 1 file",
+        "rules check failed: 3 problems in 1 file",
     ]
     # Valid rules are checked against the registry given after the verb too.
     fixed = tmp_path / "fixed.toml"
@@ -280,6 +283,40 @@ def test_the_installed_command(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("rules OK: 4 rules in 3 files")
+
+
+def test_the_demo_keeps_to_its_own_state_directory(tmp_path: Path) -> None:
+    # scripts/demo wipes its state directory: it must never be the one the environment names (a
+    # live daemon's /run/runtime-modules). Run on a copy whose setup and command are stand-ins.
+    (tmp_path / "scripts").mkdir()
+    demo = tmp_path / "scripts" / "demo"
+    demo.write_bytes((REPO / "scripts" / "demo").read_bytes())
+    demo.chmod(0o755)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    seen = tmp_path / "seen"
+    for path, body in (
+        (tmp_path / "scripts" / "setup", "exit 0\n"),
+        (bin_dir / "runtime-modules", f'echo "$RUNTIME_MODULES_STATE_DIR $*" > {seen}\n'),
+    ):
+        path.write_text(f"#!/bin/sh\n{body}")
+        path.chmod(0o755)
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "overrides.json").write_text("{}")
+    proc = subprocess.run(
+        [str(demo)],
+        env={"PATH": "/usr/bin:/bin", "RUNTIME_MODULES_STATE_DIR": str(live)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (live / "overrides.json").exists()  # left alone
+    env_dir, *argv = seen.read_text().split()
+    assert env_dir == "/tmp/runtime-modules-demo"  # what the daemon it runs gets
+    assert argv[argv.index("--state-dir") + 1] == "/tmp/runtime-modules-demo"
+    assert "(state in /tmp/runtime-modules-demo)" in proc.stdout
 
 
 def test_names_are_shown_never_obeyed_by_the_terminal(

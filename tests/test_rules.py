@@ -293,6 +293,17 @@ def test_unknown_modules_with_registry() -> None:
     parse_rules(rule('[rule.when.link]\nifname = "x"').replace("gaming", "zzz"), "r.toml")
 
 
+def test_a_broken_rule_still_says_its_unknown_modules() -> None:
+    text = '[[rule]]\nname = "r"\nmodules = ["gamng", "lab", "bad name"]\nsettle = "-1s"\n'
+    found = problems(text + '[rule.when.link]\nopstate = "up"', known_modules=MODULES)
+    by_field = {p.field: p for p in found}
+    assert set(by_field) == {"settle", "when.link.opstate", "modules", "modules[0]"}, found
+    assert by_field["modules[0]"].message == "unknown module `gamng` (not in the registry)"
+    assert by_field["modules[0]"].hint == "did you mean `gaming`?"
+    assert by_field["modules[0]"].rule == "r"
+    assert "not a module name" in by_field["modules"].message  # said once, by the format
+
+
 @pytest.mark.parametrize(
     ("when", "field", "message"),
     [
