@@ -6,9 +6,11 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 from runtime_modules._cli import main
 from runtime_modules._errors import ExitCode
 from runtime_modules._lock import ApplyLock
+from runtime_modules._overrides import OverrideStore
 from runtime_modules._state import ModuleStatus, load_state
 from tests.fixtures.applier import FakeSystem, Tmpfs
 from tests.fixtures.system import REPO, eventually
@@ -250,10 +253,30 @@ def test_no_wait_names_the_holder(cli: FakeSystem, capsys: pytest.CaptureFixture
 def test_dry_run(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "enable", "gaming", "--dry-run")
     assert code == ExitCode.OK and out.startswith("dry run: would enable gaming")
+    assert out.endswith("; nothing recorded (would pin gaming on)\n")
     assert cli.records() == []
     # The state describes the real system, which a dry run leaves alone.
     assert load_state(cli.settings).module_status("gaming").status is not ModuleStatus.ENABLED
     assert load_state(cli.settings).applied == frozenset()
+
+
+def test_a_dry_run_says_it_records_nothing(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = OverrideStore.from_settings(cli.settings)
+    code, out, _ = run(capsys, "disable", "podman", "--for", "2h", "--persist", "--dry-run")
+    assert code == ExitCode.OK
+    assert re.search(
+        r"; nothing recorded \(would pin podman off until [-0-9: ]+ across reboots\)\n$", out
+    )
+    assert store.load(time.time()).pins == {}
+    code, out, err = run(capsys, "reset", "--dry-run")
+    assert code == ExitCode.OK
+    assert out.endswith("; nothing recorded (would remove every pin and pause automation)\n")
+    assert not store.load(time.time()).paused and "paused" not in err
+    with pytest.raises(SystemExit):
+        main(["enable", "--help"])
+    assert "record nothing (no pin" in " ".join(capsys.readouterr().out.split())
 
 
 def _cli_process(cli: FakeSystem, *argv: str, **kwargs: Any) -> subprocess.Popen[str]:

@@ -27,7 +27,15 @@ from types import FrameType
 from typing import Any
 
 from .._applier import Applier, ApplyOutcome, Target
-from .._control_protocol import EXIT_CODES, StatusRequest, StatusResponse
+from .._control_protocol import (
+    EXIT_CODES,
+    DisableRequest,
+    EnableRequest,
+    Request,
+    ResetRequest,
+    StatusRequest,
+    StatusResponse,
+)
 from .._errors import ConfigError, ExitCode, NoDaemonError, PermissionDeniedError, StateError
 from .._journal import Journal
 from .._registry import load_registry
@@ -103,7 +111,8 @@ def _apply_flags(
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="without the daemon: write the flake and record the result, but run no nixos-rebuild",
+        help="without the daemon: write the flake and say what would be applied; run no "
+        "nixos-rebuild and record nothing (no pin, no pause, no state)",
     )
     p.add_argument(
         "--sudo",
@@ -321,10 +330,24 @@ def _change(verb: str, args: argparse.Namespace, settings: Settings, target: Tar
         )
     code = EXIT_CODES[outcome.result]
     if code is ExitCode.OK:
-        print(outcome.message)
+        print(outcome.message + (_dry_run_note(request, now) if args.dry_run else ""))
     else:
         print(f"runtime-modules: {outcome.message}", file=sys.stderr)
     return int(code)
+
+
+def _dry_run_note(request: Request, now: float) -> str:
+    """What a dry run leaves out: it records nothing, neither the pins nor the pause of a reset."""
+    if isinstance(request, EnableRequest | DisableRequest):
+        state = "on" if isinstance(request, EnableRequest) else "off"
+        until = (
+            "" if request.until is None else f" until {local_time(request.until.timestamp(), now)}"
+        )
+        layer = " across reboots" if request.persist else ""
+        return f"; nothing recorded (would pin {' '.join(request.modules)} {state}{until}{layer})"
+    if isinstance(request, ResetRequest):
+        return "; nothing recorded (would remove every pin and pause automation)"
+    return "; nothing recorded"
 
 
 def _daemon_notes(args: argparse.Namespace) -> Callable[[], None]:
