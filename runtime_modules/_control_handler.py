@@ -541,6 +541,7 @@ class ControlHandler:
             pid=os.getpid(),
             started=daemon.started_at,
             dry_run=daemon.dry_run,
+            rejected=daemon.rejected,
         )
         return status_json(
             daemon.settings, registry, state, modules, overrides=self.view, daemon=view

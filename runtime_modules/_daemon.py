@@ -189,6 +189,8 @@ class Daemon:
         self.applied: frozenset[str] = frozenset()
         self.started = False
         self.started_at: float | None = None  # wall clock, for `status`
+        # (wall clock, first problem) of the last rejected reload, until one works: `status`.
+        self.rejected: tuple[float, str] | None = None
         self.stopping = False
         self.stopped = False
         self.stats: collections.Counter[str] = collections.Counter()
@@ -666,6 +668,7 @@ class Daemon:
             # so that the (urgent) pin change is decided with them.
             for event in self.control.reload_pins():
                 actions = [*actions, *self.reconciler.handle(event, now)]
+        self.rejected = None
         self.journal.send(
             JournalEvent.RULES_RELOADED,
             f"rules reloaded: {len(rules.rules)} rules from {len(rules.sources)} files",
@@ -677,6 +680,10 @@ class Daemon:
 
     def _reject(self, exc: RuntimeModulesError) -> None:
         problems = exc.problems if isinstance(exc, RuleError) else []
+        first = str(problems[0]) if problems else str(exc)
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        # Kept for `status` until a reload works: the files on disk are not what runs.
+        self.rejected = (self.wall(), first + more)
         self.journal.send(
             JournalEvent.RULES_REJECTED,
             f"new rules rejected, keeping the {len(self.rules.rules)} loaded ones: {exc}",

@@ -52,6 +52,7 @@ class DaemonView:
     pid: int
     started: float | None  # wall clock
     dry_run: bool = False
+    rejected: tuple[float, str] | None = None  # the last rejected reload (wall clock, why)
 
     def wall(self, t: float | None) -> float | None:
         return None if t is None else self.wall_now + (t - self.snapshot.now)
@@ -85,6 +86,13 @@ def status_json(
     pins = {} if overrides is None else dict(overrides.pins)
     paused = daemon.snapshot.paused if daemon is not None else bool(overrides and overrides.paused)
     warnings = [w for w in (state.uncertain, drift(settings, state)) if w]
+    if daemon is not None and daemon.rejected is not None:
+        at, why = daemon.rejected
+        warnings.append(
+            f"a reload at {local_time(at, now)} was rejected, so the daemon still follows the "
+            f"rules it loaded before: {why}; fix it, then reload again "
+            "(`systemctl reload runtime-modules`)"
+        )
     for name in sorted(state.applied & registry.names):
         changes = registry.module(name).kernel_changes
         if changes:

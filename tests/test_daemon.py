@@ -211,6 +211,10 @@ def test_broken_rules_on_sighup_keep_the_old_ones_and_say_why(
     )
     assert len(entries) == 1
     assert "rules.toml" in entries[0]["MESSAGE"] and "keeping the 1 loaded" in entries[0]["MESSAGE"]
+    # `status` says it too, until a reload works: the files on disk are not what runs.
+    (warning,) = [w for w in daemon.control.status()["warnings"] if "reload" in w]
+    assert warning.startswith("a reload at ") and "rules.toml: rule x: modules: " in warning
+    assert warning.endswith("fix it, then reload again (`systemctl reload runtime-modules`)")
     # ... and the old rules still work
     _veth(netns, up=True)
     assert daemon.run_until(lambda: daemon.applied == {"virtualization"}, 10)
@@ -219,6 +223,7 @@ def test_broken_rules_on_sighup_keep_the_old_ones_and_say_why(
     daemon.signal(signal.SIGHUP)
     daemon.step(1)
     assert [r.name for r in daemon.rules.rules] == ["renamed"]
+    assert not [w for w in daemon.control.status()["warnings"] if "reload" in w]
     assert journal_entries(
         SYSLOG_IDENTIFIER=journal_tag, MESSAGE_ID=JournalEvent.RULES_RELOADED.message_id
     )
