@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -136,9 +137,41 @@ def parse_registry(text: str | bytes, source: str) -> Registry:
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        where = field_path(first["loc"]) or "(top level)"
         raise RegistryError(
-            f"{source}: {field_path(first['loc']) or '(top level)'}: {first['msg']}{more}"
+            f"{source}: {where}{_module_of(data, first['loc'])}: {_message(first)}{more}; "
+            "the NixOS module writes this file from services.runtimeModules: fix the "
+            "configuration and rebuild (or, for a hand-written registry, the file)"
         ) from None
+
+
+# pydantic's wording of the usual type errors, as the rest of the product says it.
+_TYPE_MESSAGES = {
+    "missing": "is missing",
+    "string_type": "must be a string",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+}
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind in _TYPE_MESSAGES:
+        return _TYPE_MESSAGES[kind]
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _module_of(data: object, loc: Sequence[int | str]) -> str:
+    """ " (module gaming)" when ``loc`` points into a module entry that has a name."""
+    if len(loc) < 3 or loc[0] != "modules" or not isinstance(loc[1], int):
+        return ""
+    modules = data.get("modules") if isinstance(data, dict) else None
+    entry = modules[loc[1]] if isinstance(modules, list) and loc[1] < len(modules) else None
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f" (module {name})" if isinstance(name, str) and MODULE_NAME.fullmatch(name) else ""
 
 
 def load_registry(path: Path) -> Registry:

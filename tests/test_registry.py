@@ -20,13 +20,20 @@ def test_good_registry_keeps_extra_fields() -> None:
     ("text", "expected"),
     [
         ("{", "r.json: not valid JSON"),
-        ('{"flake": "path:/x"}', "r.json: host: Field required"),
+        ('{"flake": "path:/x"}', "r.json: host: is missing; the NixOS module writes this file"),
+        (
+            GOOD.replace('{"name": "gaming"}', '{"name": "gaming", "kernel_changes": 3}'),
+            "r.json: modules[0].kernel_changes (module gaming): must be a list;",
+        ),
         (GOOD.replace("laptop", "a b"), "r.json: host:"),
         (GOOD.replace("path:/nix/store/abc-source", 'x\\"; ${evil}'), "r.json: flake:"),
         (GOOD.replace('"gaming"', '"a\\nb"'), "r.json: modules[0].name:"),
         (GOOD.replace('"gaming"', '"gaming\\n"'), "r.json: modules[0].name:"),
         (GOOD.replace("abc-source", "abc-source\\n"), "r.json: flake:"),
-        (GOOD.replace('{"name": "gaming"}', '{"name": "g"}, {"name": "g"}'), "listed twice"),
+        (
+            GOOD.replace('{"name": "gaming"}', '{"name": "g"}, {"name": "g"}'),
+            "r.json: modules: module 'g' is listed twice; the NixOS module",
+        ),
     ],
 )
 def test_bad_registry_names_file_and_field(text: str, expected: str) -> None:
