@@ -296,6 +296,25 @@ def test_history_table_and_limit(journal_tag: str, capsys: pytest.CaptureFixture
     assert lines[2].split()[2:] == ["in-progress", "-", "gaming", "->", "(base)", "[reset]"]
 
 
+@pytest.mark.usefixtures("recorded")
+def test_history_says_the_settings_select_nothing(
+    journal_tag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--state-dir", "/nonexistent", "history", "--identifier", journal_tag, "--json"]
+    assert main(argv) == ExitCode.OK
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == 3  # the journal's applies, whatever the state directory
+    assert err == (
+        "runtime-modules: note: --state-dir selects nothing here: history lists every apply in "
+        f"this machine's journal with SYSLOG_IDENTIFIER={journal_tag}; narrow it with --since "
+        "or --identifier\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["history", "--help"])
+    shown = capsys.readouterr().out
+    assert "--identifier" in shown and "--state-dir" not in shown and "--registry" not in shown
+
+
 def test_history_shows_a_hostile_reason_escaped_and_cut(
     journald: Path, journal_tag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,14 @@ from .._settings import Settings
 from ._common import escape_controls, format_duration, print_json
 
 REASON_WIDTH = 100  # characters of the reason shown per line in the plain output
+
+# The common flags that select nothing in the journal: its entries carry no state directory,
+# registry or nixos-rebuild command to filter on.
+IGNORED_SETTINGS = {
+    "registry": "--registry",
+    "state_dir": "--state-dir",
+    "nixos_rebuild": "--nixos-rebuild",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +144,15 @@ def _text(value: object) -> str:
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: give a number of applies, 1 or more")
+    given = [flag for dest, flag in IGNORED_SETTINGS.items() if getattr(args, dest, None)]
+    if given:
+        print(
+            f"runtime-modules: note: {' and '.join(given)} "
+            f"{'selects' if len(given) == 1 else 'select'} nothing here: history lists "
+            f"every apply in this machine's journal with SYSLOG_IDENTIFIER={args.identifier}; "
+            "narrow it with --since or --identifier",
+            file=sys.stderr,
+        )
     entries = read_history(identifier=args.identifier, since=args.since)[-args.limit :]
     if args.json:
         print_json([e.to_json() for e in entries])

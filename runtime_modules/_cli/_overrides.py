@@ -89,7 +89,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "history",
         help="past applies, from the journal",
         description="List past applies from the journal: time, before -> after, why, result, "
-        "duration. Root or a member of systemd-journal sees the daemon's entries.",
+        "duration. Every apply of this machine's journal is listed, whatever its state "
+        "directory or registry. Root or a member of systemd-journal sees the daemon's entries.",
     )
     p.add_argument("--json", action="store_true", help="a JSON list (shape in docs/control.md)")
     p.add_argument("-n", "--limit", type=int, default=20, help="the newest N applies (default 20)")
@@ -99,6 +100,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         default="runtime-modules",
         help="the SYSLOG_IDENTIFIER of the entries (default runtime-modules)",
     )
+    # The journal is one for the machine: the settings select nothing in it. Still accepted (every
+    # verb takes them), but not offered, and a note says so when given (cmd_history).
+    for action in p._actions:
+        if action.dest in _history.IGNORED_SETTINGS:
+            action.help = argparse.SUPPRESS
     p.set_defaults(func=_history.cmd_history)
 
 
