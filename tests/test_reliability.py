@@ -604,7 +604,9 @@ def fuzz_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Applier
     settings_ = Settings(
         registry=root / "modules.json", state_dir=root / "state", current_system=link
     )
-    applier = Applier(settings_, registry, journal=Journal(stderr=io.StringIO()), dry_run=True)
+    # Never the machine's journal: `runtime-modules history` would list these applies.
+    journal = Journal(socket_path=Path("/nonexistent"), stderr=io.StringIO())
+    applier = Applier(settings_, registry, journal=journal, dry_run=True)
     applier.apply(frozenset(), reason="reference", force=True)
     yield applier, (settings_.flake_dir / FLAKE_NIX).read_bytes()
 
@@ -644,7 +646,7 @@ def test_hostile_device_values_and_link_names_change_no_nix_source(
     assert "gaming" in pipeline.reconciler.snapshot(1.0).wanted
     starts = [a for a in actions if isinstance(a, StartApply)]
     assert len(starts) == 1
-    outcome = applier.apply(starts[0].target, reason=" ".join(str(v) for v in values)[:200])
+    outcome = applier.apply(starts[0].target, reason=" ".join(" ".join(v) for v in values)[:200])
     assert outcome.ok
     flake_dir = applier.settings.flake_dir
     assert (flake_dir / FLAKE_NIX).read_bytes() == flake
