@@ -353,6 +353,20 @@ def test_without_write_access_it_needs_root(cli: FakeSystem) -> None:
     assert cli.records() == []
 
 
+def test_a_state_dir_that_is_a_file(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for where in (afile, afile / "state"):
+        for argv in (["enable", "gaming", "--dry-run"], ["enable", "gaming"], ["status"]):
+            code, out, err = run(capsys, "--state-dir", str(where), *argv)
+            assert (code, out) == (ExitCode.USAGE, ""), err
+            assert err.startswith(f"runtime-modules: {afile} is not a directory: ")
+            assert "give a directory with --state-dir" in err
+    assert cli.records() == []
+
+
 def test_read_only_state_dir(
     cli: FakeSystem, tmpfs: Tmpfs, capsys: pytest.CaptureFixture[str], monkeypatch: Any
 ) -> None:

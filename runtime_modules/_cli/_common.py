@@ -58,6 +58,26 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return s.with_(**changes) if changes else s
 
 
+def check_state_dir(settings: Settings) -> None:
+    """Refuse a state directory that is a file, or under one (exit 2), before anything uses it:
+    what would fail later reads as a missing daemon or a missing permission."""
+    from .._errors import ConfigError
+
+    for path in (settings.state_dir, *settings.state_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = (
+                    "the state directory must be one"
+                    if path == settings.state_dir
+                    else f"it cannot hold the state directory {settings.state_dir}"
+                )
+                raise ConfigError(
+                    f"{path} is not a directory: {what}; give a directory with --state-dir or "
+                    "RUNTIME_MODULES_STATE_DIR (default /run/runtime-modules), or move the file"
+                )
+            return
+
+
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")

@@ -42,7 +42,7 @@ from .._registry import load_registry
 from .._settings import Settings
 from .._state import load_state
 from .._status import JSON_VERSION, local_time, module_brief, status_json
-from ._common import add_verb, current_user, print_json
+from ._common import add_verb, check_state_dir, current_user, print_json
 from ._overrides import add_pin_flags, change_request, check_name_shapes, record_change
 from ._route import daemon_client, route_to_daemon
 
@@ -125,6 +125,7 @@ def _apply_flags(
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    check_state_dir(settings)
     registry = load_registry(settings.registry)
     state = load_state(settings, journal=_journal(settings))
     rows = [module_brief(registry, state, m.name) for m in registry.modules]
@@ -439,6 +440,7 @@ def ensure_can_change(settings: Settings, *, sudo: bool) -> None:
     ``sudo runtime-modules …`` like the reference does; in a script it fails with exit code 3, so
     nothing waits for a password prompt no one sees.
     """
+    check_state_dir(settings)
     where = settings.state_dir
     while not where.exists() and where != where.parent:
         where = where.parent

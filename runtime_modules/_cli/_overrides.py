@@ -41,7 +41,7 @@ from .._errors import ExitCode, UnknownModuleError
 from .._registry import MODULE_NAME
 from .._settings import Settings
 from . import _history
-from ._common import add_verb, current_user
+from ._common import add_verb, check_state_dir, current_user
 from ._route import route_to_daemon
 
 
@@ -268,6 +268,7 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    check_state_dir(settings)
     client = ControlClient(settings.control_socket, idle_timeout=None)
     for answer in client.request(EventsRequest()):
         if isinstance(answer, Accepted):

@@ -15,7 +15,7 @@ from .._control_client import ControlClient
 from .._control_protocol import Accepted, Done, Ok, Progress, Request, StatusResponse
 from .._errors import ExitCode, NoDaemonError
 from .._settings import Settings
-from ._common import format_duration, print_json
+from ._common import check_state_dir, format_duration, print_json
 
 # Past the daemon's own apply timeout, silence means it is gone or hung; a minute of slack covers
 # the rollback after a timeout.
@@ -23,6 +23,7 @@ _IDLE_SLACK = 60.0
 
 
 def daemon_client(settings: Settings) -> ControlClient:
+    check_state_dir(settings)  # its control socket is there
     return ControlClient(settings.control_socket, idle_timeout=settings.apply_timeout + _IDLE_SLACK)
 
 

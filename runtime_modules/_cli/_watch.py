@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._settings import Settings
-from ._common import add_verb
+from ._common import add_verb, check_state_dir
 
 LOG_LEVELS = ("debug", "info", "notice", "warning", "err")
 
@@ -59,6 +59,7 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
     from .._daemon import Daemon
     from .._journal import Journal
 
+    check_state_dir(settings)
     if args.log_level:
         settings = settings.with_(log_level=args.log_level)
     journal = Journal.for_level(settings.log_level)
