@@ -313,6 +313,9 @@ def test_history_says_the_settings_select_nothing(
         main(["history", "--help"])
     shown = capsys.readouterr().out
     assert "--identifier" in shown and "--state-dir" not in shown and "--registry" not in shown
+    with pytest.raises(SystemExit):
+        main(["auto", "--help"])
+    assert "--state-dir" in capsys.readouterr().out  # the other verbs still offer them
 
 
 def test_history_shows_a_hostile_reason_escaped_and_cut(

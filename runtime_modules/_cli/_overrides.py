@@ -41,7 +41,7 @@ from .._errors import ExitCode, UnknownModuleError
 from .._registry import MODULE_NAME
 from .._settings import Settings
 from . import _history
-from ._common import add_verb, check_state_dir, current_user
+from ._common import add_verb, check_state_dir, common_parser, current_user
 from ._route import route_to_daemon
 
 
@@ -85,7 +85,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_events)
 
-    p = add_parser(
+    # Its own copy of the common flags: their help is hidden below, and the other verbs share
+    # theirs (argparse's parents share Action objects).
+    p = add_verb(
+        sub,
+        common_parser(),
         "history",
         help="past applies, from the journal",
         description="List past applies from the journal: time, before -> after, why, result, "
