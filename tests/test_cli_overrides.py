@@ -378,6 +378,28 @@ def test_change_request_carries_the_pin_flags() -> None:
         _pin_args("vm", "--for", "2h", "--until", "18:00")  # argparse: not both
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "--for '0': the duration must be more than 0, e.g. 2h, 90m, 1h30m or 45s"),
+        ("0s", "--for '0s': the duration must be more than 0, e.g. 2h, 90m, 1h30m or 45s"),
+        ("30", "--for '30': give a unit: 30s, 30m or 30h"),
+        ("2x", "--for '2x': not a duration; write e.g. 2h, 90m, 1h30m or 45s"),
+        ("-1h", "--for '-1h': a duration cannot be negative; give how long the pin lasts, "
+                "e.g. 2h, 90m, 1h30m or 45s"),
+        ("200h", "--for '200h': at most a week; for longer, use --until, or pin without a time "
+                 "limit (and `runtime-modules auto MODULE` to hand it back)"),
+    ],
+)  # fmt: skip
+def test_a_bad_for_says_what_is_wrong(
+    env: Settings, capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    for argv in (["enable", "gaming", "--for", value], ["disable", f"--for={value}", "gaming"]):
+        assert main(argv) == ExitCode.USAGE
+        assert capsys.readouterr().err == f"runtime-modules: {message}\n"
+    assert OverrideStore.from_settings(env).load(time.time()).pins == {}
+
+
 def test_record_change_without_daemon(env: Settings) -> None:
     now = time.time()
     record_change(

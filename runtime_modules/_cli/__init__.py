@@ -33,9 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _joined_negative_durations(argv: Sequence[str]) -> list[str]:
+    """``--for -1h`` as ``--for=-1h``: argparse would take ``-1h`` for an option and say only
+    "expected one argument"; joined, the value reaches the check that says what is wrong."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            out += [arg, *args]
+            break
+        if arg == "--for":
+            value = next(args, None)
+            if value is not None and value[:1] == "-" and value[1:2] in "0123456789.":
+                out.append(f"--for={value}")
+                continue
+            out += [arg] if value is None else [arg, value]
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_negative_durations(sys.argv[1:] if argv is None else argv))
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = TerminalSafe(stdout), TerminalSafe(stderr)
     try:
