@@ -48,7 +48,7 @@ def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "rules", "check", RULES)
     assert (code, err) == (0, "")
     assert out == (
-        "rules OK: 4 rules in 3 files; modules gaming, lab, virtualization; "
+        "rules OK: 5 rules in 3 files; modules gaming, lab, virtualization; "
         "module names not checked (no registry; give --registry)\n"
     )
 
@@ -271,7 +271,10 @@ def test_explain_the_live_machine(capsys: pytest.CaptureFixture[str]) -> None:
     heads = [line for line in out.splitlines() if not line.startswith(" ")]
     assert code == 0 and [h.split(": ")[0] for h in heads] == ["gaming", "lab", "virtualization"]
     assert all(h.split(": ")[1] in ("wanted", "not wanted") for h in heads)
-    assert out.count("  rule ") == 4  # every example rule explained
+    assert out.count("  rule ") == 5  # every example rule explained
+    # The address rule was explained with this machine's addresses (lo has 127.0.0.1/8).
+    assert world.link_by_name("lo").addresses >= {"127.0.0.1/8"}  # type: ignore[union-attr]
+    assert "rule lab-on-the-lab-network: no link with operstate=up and ip=" in out
 
 
 def test_the_installed_command(tmp_path: Path) -> None:
@@ -282,7 +285,7 @@ def test_the_installed_command(tmp_path: Path) -> None:
         cwd=REPO,
         check=False,
     )
-    assert proc.returncode == 0 and proc.stdout.startswith("rules OK: 4 rules in 3 files")
+    assert proc.returncode == 0 and proc.stdout.startswith("rules OK: 5 rules in 3 files")
 
 
 def test_the_demo_keeps_to_its_own_state_directory(tmp_path: Path) -> None:

@@ -162,3 +162,24 @@ def test_lab_follows_a_real_link_named_lab0(
     assert wanted(example_rules, links_now()) == set()  # lab0 is down
     ip_netns(netns, "link", "set", "lab0", "up")
     assert wanted(example_rules, links_now()) == {"lab"}
+
+
+def test_lab_follows_an_address_in_the_lab_network_on_any_link(
+    netns: str, tmp_path: Path, example_rules: RuleSet
+) -> None:
+    ip_netns(netns, "link", "add", "enp0s31f6", "type", "veth", "peer", "name", "other0")
+    ip_netns(netns, "link", "set", "other0", "up")
+    ip_netns(netns, "link", "set", "enp0s31f6", "up")
+
+    def addresses_now() -> World:
+        out = tmp_path / "addr.json"
+        with out.open("w") as f:
+            subprocess.run(["ip", "-n", netns, "-j", "-d", "addr"], stdout=f, check=True)
+        return World.of([], read_ip_link_json(out))
+
+    ip_netns(netns, "addr", "add", "192.168.1.20/24", "dev", "enp0s31f6")  # home: no lab
+    assert wanted(example_rules, addresses_now()) == set()
+    ip_netns(netns, "addr", "add", "10.20.4.20/16", "dev", "enp0s31f6")  # the lab's DHCP
+    ev = evaluate(example_rules, addresses_now())
+    assert ev.wanted_modules() == {"lab": ("lab-on-the-lab-network",)}
+    assert ev["lab-on-the-lab-network"].matches == ("enp0s31f6",)
