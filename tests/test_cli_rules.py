@@ -255,6 +255,43 @@ def test_explain_unknown_module(
     assert code == 2 and "did you mean 'office'?" in err
 
 
+def test_explain_takes_rules_paths_like_simulate(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where no file is named like a module
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "demo.toml").write_text(
+        '[[rule]]\nname = "demo-veth"\nmodules = ["demo"]\n[rule.when.link]\nkind = "veth"\n'
+    )
+    links = tmp_path / "links.json"
+    links.write_text(json.dumps([{"ifindex": 7, "ifname": "v0", "operstate": "UP",
+                                  "linkinfo": {"info_kind": "veth"}}]))  # fmt: skip
+    recording = ["--links", str(links)]
+    # The form the demo prints, as for watch and simulate: every path after one --rules.
+    code, out, err = run(capsys, "explain", "--rules", RULES, str(more), *recording)
+    heads = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert code == 0, err
+    assert heads == ["demo: wanted", "gaming: not wanted", "lab: not wanted",
+                     "virtualization: not wanted"]  # fmt: skip
+    # MODULEs still go after --rules (as in docs/benchmarks.md), or before it.
+    for argv in (
+        ["explain", "--rules", RULES, str(more), "demo", *recording],
+        ["explain", "demo", "--rules", RULES, str(more), *recording],
+        ["explain", "--rules", str(more), "--rules", RULES, "demo", *recording],
+    ):
+        code, out, err = run(capsys, *argv)
+        assert (code, out.splitlines()[0], err) == (0, "demo: wanted", ""), argv
+        assert "gaming" not in out
+    # A path mistyped without a slash reads as a module: the error says so.
+    code, out, err = run(capsys, "explain", "--rules", RULES, "mroe", *recording)
+    assert (code, out) == (2, "")
+    assert err == (
+        "runtime-modules: no rule names module 'mroe'; rules name: gaming, lab, virtualization "
+        "('mroe' after --rules is no file or folder, so it was taken for a module)\n"
+    )
+
+
 @pytest.mark.usefixtures("udevd")
 def test_explain_the_live_machine(capsys: pytest.CaptureFixture[str]) -> None:
     needs = load_rules([EXAMPLE_RULES]).needs()

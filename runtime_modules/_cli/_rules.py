@@ -68,14 +68,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "Say why each module is or is not wanted by the rules, on this machine or a recording.",
     )
     p.add_argument("modules", nargs="*", metavar="MODULE", help="only these modules")
-    # One path per option here (repeat it): a list would swallow the MODULE arguments after it.
+    # PATH... as for watch and simulate. It also takes the MODULEs written after it
+    # (`explain --rules rules/ gaming`): _explain_paths sorts them out. Its own dest, so that
+    # the configured rules are replaced only by what are paths.
     p.add_argument(
         "--rules",
-        dest="rules_paths",
+        dest="explain_rules",
+        nargs="+",
         action="append",
         type=Path,
         metavar="PATH",
-        help="a rule file or folder, repeatable (default: the configured rules)",
+        help="rule files or folders (default: the configured rules); a name after the first "
+        "PATH that is no file or folder is taken for a MODULE",
     )
     _add_world_arguments(p, many=False)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -319,22 +323,57 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 # --- explain --------------------------------------------------------------------------------
 
 
+def _explain_paths(groups: list[list[Path]]) -> tuple[list[Path], list[str]]:
+    """The rule paths and the MODULEs among the values of ``--rules PATH...``.
+
+    The first value of each ``--rules`` is a path; a later one is a MODULE when it is no file or
+    folder and has a module name's shape (not a .toml/.json name), as in
+    ``explain --rules rules/ gaming``.
+    """
+    from .._registry import MODULE_NAME
+
+    paths: list[Path] = []
+    modules: list[str] = []
+    for first, *rest in groups:
+        paths.append(first)
+        for value in rest:
+            text = str(value)
+            if (
+                MODULE_NAME.fullmatch(text)
+                and value.suffix not in (".toml", ".json")
+                and not os.path.lexists(value)
+            ):
+                modules.append(text)
+            else:
+                paths.append(value)
+    return paths, modules
+
+
 def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
     from .._evaluate import evaluate
     from .._explain import explain
 
+    paths, after_rules = _explain_paths(args.explain_rules or [])
+    if paths:
+        settings = settings.with_(rules=tuple(paths))
     known = _known_modules(args, settings, implicit=True)
     rules = _load(settings, known)
-    asked: list[str] = list(dict.fromkeys(args.modules))
+    asked: list[str] = list(dict.fromkeys([*args.modules, *after_rules]))
     names = set(known if known is not None else rules.modules)
     for module in asked:
         if module in names:
             continue
+        # A typo in a path after --rules reads as a module: say which reading was made.
+        taken = (
+            f" ({module!r} after --rules is no file or folder, so it was taken for a module)"
+            if module in after_rules
+            else ""
+        )
         if known is not None:
-            raise UnknownModuleError(unknown_module_message(module, known))
+            raise UnknownModuleError(unknown_module_message(module, known) + taken)
         close = difflib.get_close_matches(module, sorted(names), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"rules name: {', '.join(sorted(names))}"
-        raise UnknownModuleError(f"no rule names module {module!r}; {hint}")
+        raise UnknownModuleError(f"no rule names module {module!r}; {hint}{taken}")
     world = _world_from_args(args) if _recorded(args) else live_world(rules.needs())
     evaluation = evaluate(rules, world)
     explanations = explain(rules, world, evaluation, asked or None)
