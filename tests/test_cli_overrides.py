@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_modules._cli import main
+from runtime_modules._cli import build_parser, main
 from runtime_modules._cli._overrides import add_pin_flags, change_request, record_change
 from runtime_modules._control_protocol import (
     AutoRequest,
@@ -424,6 +424,21 @@ def test_settings_flags_before_or_after_the_verb(
     for argv in (["--state-dir", str(other), "events"], ["events", "--state-dir", str(other)]):
         assert main(argv) == ExitCode.NO_DAEMON
         assert f"{other}/control.sock does not exist" in capsys.readouterr().err
+
+
+def test_watch_log_level_takes_what_the_service_takes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The NixOS option writes "error" into RUNTIME_MODULES_LOG_LEVEL; the flag takes it too.
+    for given, level in (("error", "err"), ("warn", "warning"), ("ERROR", "err"), ("info", "info")):
+        assert build_parser().parse_args(["watch", "--log-level", given]).log_level == level
+    with pytest.raises(SystemExit) as info:
+        main(["watch", "--log-level", "loud"])
+    assert info.value.code == ExitCode.USAGE
+    assert capsys.readouterr().err.endswith(
+        "argument --log-level: 'loud' is not a log level: give debug, info, notice, warning "
+        "(or warn) or err (or error)\n"
+    )
 
 
 def test_status_names_a_pin_the_registry_no_longer_lists(

@@ -11,7 +11,20 @@ from typing import Any
 from .._settings import Settings
 from ._common import add_verb, check_state_dir
 
-LOG_LEVELS = ("debug", "info", "notice", "warning", "err")
+
+def log_level(text: str) -> str:
+    """A ``--log-level`` value as RUNTIME_MODULES_LOG_LEVEL and the NixOS option take it (``warn``,
+    ``error``, any case, 0-7 too), in its syslog name."""
+    from .._errors import ConfigError
+    from .._journal import Priority
+
+    try:
+        return Priority.parse(text).name.lower()
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log level: give debug, info, notice, warning (or warn) "
+            "or err (or error)"
+        ) from None
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -48,9 +61,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--log-level",
-        choices=LOG_LEVELS,
-        help="least important journal entries kept; debug shows every event "
-        "[RUNTIME_MODULES_LOG_LEVEL, default info]",
+        type=log_level,
+        metavar="LEVEL",
+        help="least important journal entries kept: debug (every event), info, notice, warning "
+        "(or warn), err (or error) [RUNTIME_MODULES_LOG_LEVEL, default info]",
     )
     p.set_defaults(func=_watch)
 
