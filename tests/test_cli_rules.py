@@ -171,10 +171,36 @@ def test_simulate_errors_are_one_line(
     small = tmp_path / "registry.json"
     small.write_text(json.dumps({"host": "h", "flake": "path:/x", "modules": [{"name": "gaming"}]}))
     code, _, err = run(capsys, "simulate", "--registry", str(small), "--rules", RULES)
-    assert code == 1 and "unknown module `lab`" in err
+    assert code == 2 and "unknown module `lab`" in err  # an invalid rule file: bad input
     with pytest.raises(SystemExit) as info:
         main(["simulate", "--udev-db", str(dump)])  # --rules is required
     assert info.value.code == 2
+
+
+def test_invalid_rules_are_bad_input_but_a_failed_check(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, registry: Path
+) -> None:
+    # README: 2 for an invalid file; 1 when a check found problems (what `rules check` is for).
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rule]]\nname = "a"\nmodules = ["gaming"]\n')
+    missing = str(tmp_path / "nonexistent")
+    for argv in (
+        ["simulate", "--rules", str(bad)],
+        ["explain", "--rules", str(bad), "--links", str(bad)],
+        ["explain", "--rules", missing],
+    ):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (2, ""), argv
+        assert err.startswith(f"runtime-modules: {bad if missing not in argv else missing}: ")
+    assert run(capsys, "rules", "check", str(bad))[0] == 1
+    assert run(capsys, "rules", "check", missing)[0] == 1
+    watch = subprocess.run(
+        [sys.executable, "-m", "runtime_modules", "watch", "--dry-run", "--registry",
+         str(registry), "--state-dir", str(tmp_path / "state"), "--rules", str(bad)],
+        capture_output=True, text=True, cwd=REPO, check=False, timeout=60,
+    )  # fmt: skip
+    assert watch.returncode == 2, watch.stderr
+    assert f"runtime-modules: {bad}: rule a: when: required key is missing" in watch.stderr
 
 
 def test_simulate_replays_events(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
