@@ -227,9 +227,32 @@ def test_failures_exit_codes_and_one_line(
     (hooks / "deny").chmod(0o755)
     code, _, err = run(capsys, "enable", "podman")
     assert code == ExitCode.VETOED
-    assert err.splitlines()[-1].endswith("on battery (%s); nothing changed" % (hooks / "deny"))
+    assert err.splitlines()[-1].endswith(
+        "on battery (%s); nothing changed; the pin of podman is recorded all the same, for the "
+        "daemon to apply when it runs; `runtime-modules auto podman` removes it" % (hooks / "deny")
+    )
     code, out, _ = run(capsys, "status", "--json")
     assert json.loads(out)["last_apply"]["result"] == "vetoed"
+
+
+def test_a_direct_apply_that_cannot_start_says_the_pin_is_kept(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNTIME_MODULES_CURRENT_SYSTEM", str(cli.root / "no-such-system"))
+    code, out, err = run(capsys, "enable", "gaming", "--for", "1h")
+    assert (code, out) == (ExitCode.USAGE, "")
+    (line,) = err.splitlines()
+    assert "does not exist, so there would be no system to roll back to" in line
+    assert line.endswith(
+        "; the pin of gaming is recorded all the same, for the daemon to apply when it runs; "
+        "`runtime-modules auto gaming` removes it"
+    )
+    assert cli.records() == []  # nothing ran
+    code, out, _ = run(capsys, "status", "--json")
+    assert [p["module"] for p in json.loads(out)["overrides"]] == ["gaming"]  # as it said
+    assert run(capsys, "auto", "gaming")[0] == ExitCode.OK
+    code, out, _ = run(capsys, "status", "--json")
+    assert json.loads(out)["overrides"] == []
 
 
 def test_bad_timeout_is_a_usage_error(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:

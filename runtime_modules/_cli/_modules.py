@@ -36,7 +36,14 @@ from .._control_protocol import (
     StatusRequest,
     StatusResponse,
 )
-from .._errors import ConfigError, ExitCode, NoDaemonError, PermissionDeniedError, StateError
+from .._errors import (
+    ConfigError,
+    ExitCode,
+    NoDaemonError,
+    PermissionDeniedError,
+    RuntimeModulesError,
+    StateError,
+)
 from .._journal import Journal
 from .._registry import load_registry
 from .._settings import Settings
@@ -313,28 +320,48 @@ def _change(verb: str, args: argparse.Namespace, settings: Settings, target: Tar
         settings = settings.with_(apply_timeout=timeout)
     what = verb + "".join(f" {n}" for n in sorted(set(names)))
     reason = f"{what} (runtime-modules by {current_user()})"
+    kept = None
     if not args.dry_run:
         # Pinned first, so that a daemon started meanwhile or later keeps it instead of undoing it.
         ensure_can_change(settings, sudo=args.sudo)
         record_change(settings, request, now=now)
-    with _cancel_on_signals() as cancel:
-        outcome = apply_directly(
-            settings,
-            target,
-            reason,
-            force=args.force,
-            wait=not args.no_wait,
-            dry_run=args.dry_run,
-            sudo=args.sudo,
-            on_output=_print_output,
-            cancel=cancel,
-        )
+        kept = _pin_kept(request)
+    try:
+        with _cancel_on_signals() as cancel:
+            outcome = apply_directly(
+                settings,
+                target,
+                reason,
+                force=args.force,
+                wait=not args.no_wait,
+                dry_run=args.dry_run,
+                sudo=args.sudo,
+                on_output=_print_output,
+                cancel=cancel,
+            )
+    except RuntimeModulesError as exc:
+        if kept:  # the apply could not even start: say that the pin was recorded all the same
+            exc.args = (f"{exc}; {kept}",)
+        raise
     code = EXIT_CODES[outcome.result]
     if code is ExitCode.OK:
         print(outcome.message + (_dry_run_note(request, now) if args.dry_run else ""))
     else:
-        print(f"runtime-modules: {outcome.message}", file=sys.stderr)
+        print(
+            f"runtime-modules: {outcome.message}" + (f"; {kept}" if kept else ""), file=sys.stderr
+        )
     return int(code)
+
+
+def _pin_kept(request: Request) -> str | None:
+    """After a failed direct apply: the pin it recorded stays, and how to drop it."""
+    if not isinstance(request, EnableRequest | DisableRequest):
+        return None
+    names = " ".join(sorted(set(request.modules)))
+    return (
+        f"the pin of {names} is recorded all the same, for the daemon to apply when it runs; "
+        f"`runtime-modules auto {names}` removes it"
+    )
 
 
 def _dry_run_note(request: Request, now: float) -> str:
