@@ -794,12 +794,20 @@ def test_the_documented_flake_allows_steam_and_nothing_else(
         allowed = ours.nixpkgs.config.allowUnfreePredicate;
       in {{
         builtins = ours.services.runtimeModules.builtinModules.enable;
+        host = ours.services.runtimeModules.hostName or null;
         steam = map (pname: allowed {{ inherit pname; }}) {json.dumps(STEAM).replace(",", "")};
         other = allowed {{ pname = "nvidia-x11"; }};
       }}
     """
     data = _nix_json(nix_instantiate, expr)
-    assert data == {"builtins": True, "steam": [True] * len(STEAM), "other": False}
+    # Applies build nixosConfigurations.<hostName>: the snippet names the one it defines, so it
+    # works whatever networking.hostName says.
+    assert data == {
+        "builtins": True,
+        "host": "laptop",
+        "steam": [True] * len(STEAM),
+        "other": False,
+    }
 
 
 def test_the_builtin_checks_allow_only_what_the_docs_allow(
