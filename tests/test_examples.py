@@ -147,21 +147,23 @@ def test_gpus_without_a_driver_and_amd_discrete_gpus(
     assert ev["gaming-on-amd-dgpu"].matches == (radeon.devpath,)
 
 
+def _recorded(netns: str, what: str, tmp_path: Path) -> World:
+    """The links of ``netns`` as `ip -j -d link` (or `addr`, with addresses) records them now."""
+    out = tmp_path / f"{what}.json"
+    with out.open("w") as f:
+        subprocess.run(["ip", "-n", netns, "-j", "-d", what], stdout=f, check=True)
+    return World.of([], read_ip_link_json(out))
+
+
 def test_lab_follows_a_real_link_named_lab0(
     netns: str, tmp_path: Path, example_rules: RuleSet
 ) -> None:
     ip_netns(netns, "link", "add", "lab0", "type", "veth", "peer", "name", "other0")
     ip_netns(netns, "link", "set", "other0", "up")
 
-    def links_now() -> World:
-        out = tmp_path / "links.json"
-        with out.open("w") as f:
-            subprocess.run(["ip", "-n", netns, "-j", "-d", "link"], stdout=f, check=True)
-        return World.of([], read_ip_link_json(out))
-
-    assert wanted(example_rules, links_now()) == set()  # lab0 is down
+    assert wanted(example_rules, _recorded(netns, "link", tmp_path)) == set()  # lab0 is down
     ip_netns(netns, "link", "set", "lab0", "up")
-    assert wanted(example_rules, links_now()) == {"lab"}
+    assert wanted(example_rules, _recorded(netns, "link", tmp_path)) == {"lab"}
 
 
 def test_lab_follows_an_address_in_the_lab_network_on_any_link(
@@ -171,15 +173,9 @@ def test_lab_follows_an_address_in_the_lab_network_on_any_link(
     ip_netns(netns, "link", "set", "other0", "up")
     ip_netns(netns, "link", "set", "enp0s31f6", "up")
 
-    def addresses_now() -> World:
-        out = tmp_path / "addr.json"
-        with out.open("w") as f:
-            subprocess.run(["ip", "-n", netns, "-j", "-d", "addr"], stdout=f, check=True)
-        return World.of([], read_ip_link_json(out))
-
     ip_netns(netns, "addr", "add", "192.168.1.20/24", "dev", "enp0s31f6")  # home: no lab
-    assert wanted(example_rules, addresses_now()) == set()
+    assert wanted(example_rules, _recorded(netns, "addr", tmp_path)) == set()
     ip_netns(netns, "addr", "add", "10.20.4.20/16", "dev", "enp0s31f6")  # the lab's DHCP
-    ev = evaluate(example_rules, addresses_now())
+    ev = evaluate(example_rules, _recorded(netns, "addr", tmp_path))
     assert ev.wanted_modules() == {"lab": ("lab-on-the-lab-network",)}
     assert ev["lab-on-the-lab-network"].matches == ("enp0s31f6",)
