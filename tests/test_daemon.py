@@ -135,6 +135,23 @@ def test_a_restart_sees_the_addresses_present(
     assert again.applied == {"podman"} and _starts(fake_system) == 1  # present: nothing to apply
 
 
+def test_a_reload_that_adds_an_address_rule_starts_following_addresses(
+    make_daemon: Any, netns: str, fake_system: FakeSystem, tmp_path: Path
+) -> None:
+    _veth(netns, up=True)
+    ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "va")
+    daemon = make_daemon(_rule())
+    assert not daemon.sources.needs.addresses  # no rule tests addresses: none are read
+    assert all(not link.addresses for link in daemon.world.links.values())
+    (tmp_path / "rules.toml").write_text(_ADDRESS_RULE)
+    daemon.signal(signal.SIGHUP)
+    # New monitors with the address groups, and a dump that brings the present address.
+    assert daemon.run_until(lambda: daemon.applied == {"podman"}, 10)
+    assert daemon.sources.needs.addresses
+    ip_netns(netns, "addr", "del", "10.20.0.5/16", "dev", "va")  # and its events from now on
+    assert daemon.run_until(lambda: daemon.applied == frozenset(), 10)
+
+
 def test_nic_flapping_fifty_times_makes_at_most_one_apply(
     make_daemon: Any, netns: str, fake_system: FakeSystem
 ) -> None:
