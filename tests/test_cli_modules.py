@@ -404,3 +404,26 @@ def test_read_only_state_dir(
     )
     code, out, _ = run(capsys, "status", "--json")
     assert code == ExitCode.OK and json.loads(out)["applied"] == ["gaming"]
+
+
+@pytest.mark.root
+def test_a_state_dir_below_one_the_user_cannot_search_is_no_traceback() -> None:
+    from tests.fixtures.control import public_dir
+    from tests.fixtures.system import REPO
+
+    with public_dir() as top:
+        locked = top / "locked"
+        (locked / "x").mkdir(parents=True)
+        locked.chmod(0o700)  # root's: nobody cannot even stat what is below
+        proc = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+             "-m", "runtime_modules", "status", "--state-dir", str(locked / "x" / "state"),
+             "--registry", str(REPO / "scripts" / "demo.d" / "registry.json")],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("runtime-modules: ") and "permission denied" in proc.stderr

@@ -64,7 +64,11 @@ def check_state_dir(settings: Settings) -> None:
     from .._errors import ConfigError
 
     for path in (settings.state_dir, *settings.state_dir.parents):
-        if path.exists():
+        try:
+            found = path.exists()
+        except OSError:  # a parent that cannot be searched: the command's own access check says
+            return
+        if found:
             if not path.is_dir():
                 what = (
                     "the state directory must be one"
