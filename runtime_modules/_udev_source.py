@@ -58,12 +58,18 @@ def udevd_listening(control: Path = UDEVD_CONTROL) -> bool:
 
     The monitor opens and enumeration works without udevd (both read the kernel's sysfs and
     udev's database), but no event ever arrives: the daemon says so rather than wait in silence.
-    A socket file alone proves nothing; an ended udevd leaves it behind, refusing.
+    A socket file alone proves nothing; an ended udevd leaves it behind, refusing. Never blocks.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK) as sock:
         try:
             sock.connect(str(control))
-        except OSError:
+        except BlockingIOError:
+            # EAGAIN: udevd listens with a backlog of 0 and is busy with another peer; it is
+            # there. (A blocking connect would wait for it, and a stopped udevd never answers.)
+            return True
+        except PermissionError:
+            return True  # a socket we may not use: something serves it; not ours to judge
+        except OSError:  # ENOENT, ECONNREFUSED: nothing listens
             return False
     return True
 

@@ -250,3 +250,30 @@ def test_a_failed_re_enumeration_is_retried_not_raised(
     assert source.resync_due is None
     assert len(changes) == 1 and isinstance(changes[0], WorldReplaced)
     assert {a, b} <= {d.sysname for d in changes[0].devices or ()}
+
+
+def test_the_udevd_probe_never_blocks(tmp_path: Any, udevd: None) -> None:
+    import socket
+    import threading
+    import time
+
+    from runtime_modules._udev_source import UDEVD_CONTROL, udevd_listening
+
+    assert udevd_listening(UDEVD_CONTROL)  # the real one
+    assert not udevd_listening(tmp_path / "none")
+    # A udevd that stopped (SIGSTOP) or is busy: its backlog of 0 is full, so a blocking connect
+    # would wait for as long as it does not accept. The probe must answer at once: "there".
+    busy = tmp_path / "busy"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+        server.bind(str(busy))
+        server.listen(0)
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        first.connect(str(busy))  # takes the one slot; nobody ever accepts
+        answers: list[bool] = []
+        probe = threading.Thread(target=lambda: answers.append(udevd_listening(busy)))
+        started = time.monotonic()
+        probe.start()
+        probe.join(5)
+        first.close()
+        assert answers == [True] and time.monotonic() - started < 1
+    assert not udevd_listening(busy)  # closed: the file is left, refusing
