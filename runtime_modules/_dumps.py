@@ -35,6 +35,7 @@ __all__ = [
     "read_ip_link_json",
     "read_udev_db",
     "read_umockdev",
+    "records_addresses",
     "world_from_files",
 ]
 
@@ -45,6 +46,7 @@ _PROPERTY_LINE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 _UDEV_HELP = "make one with `udevadm info --export-db > FILE`"
 _UMOCKDEV_HELP = "make one with `umockdev-record /sys/… > FILE`"
 _IP_HELP = "make one with `ip -j -d link > FILE`"
+_ADDR_HELP = "make one with `ip -j -d addr > FILE`"
 
 
 def _read_text(path: Path, what: str, help_: str) -> str:
@@ -305,24 +307,30 @@ def _link(entry: Any, source: str, number: int) -> Link:
 
 
 def _addresses(info: Any, where: str) -> frozenset[str]:
-    """The usable addresses of ``ip -j addr``'s ``addr_info`` list (absent: none known)."""
+    """The addresses of ``ip -j addr``'s ``addr_info`` list (absent: none known), as the live
+    source writes them: "10.20.0.5/16", "10.0.0.1 peer 10.0.0.2/32"; not those that failed DAD."""
     if info is None:
         return frozenset()
     if not isinstance(info, list):
-        raise DumpError(f"{where}: `addr_info` must be a list; {_IP_HELP}")
+        raise DumpError(f"{where}: `addr_info` must be a list; {_ADDR_HELP}")
     found = set()
     for item in info:
         if not isinstance(item, dict) or item.get("family") not in ("inet", "inet6"):
             continue
-        local, prefix = item.get("local"), item.get("prefixlen")
-        if item.get("tentative") or item.get("dadfailed"):
-            continue  # not usable yet, as the live source sees it
+        if item.get("dadfailed"):
+            continue  # unusable, as the live source sees it
+        local, peer, prefix = item.get("local"), item.get("address"), item.get("prefixlen")
         try:
-            found.add(str(ipaddress.ip_interface(f"{local}/{prefix}")))
+            if isinstance(local, str) and isinstance(peer, str) and peer != local:
+                far = ipaddress.ip_interface(f"{peer}/{prefix}")
+                text = f"{ipaddress.ip_address(local)} peer {far}"
+            else:
+                text = str(ipaddress.ip_interface(f"{local}/{prefix}"))
         except ValueError:
             raise DumpError(
-                f"{where}: {local!r}/{prefix!r} is not an IP address with a prefix; {_IP_HELP}"
+                f"{where}: {local!r}/{prefix!r} is not an IP address with a prefix; {_ADDR_HELP}"
             ) from None
+        found.add(text)
     return frozenset(found)
 
 
@@ -339,6 +347,15 @@ def parse_ip_link_json(text: str, source: str) -> list[Link]:
     if not isinstance(data, list):
         raise DumpError(f"{source}: must be a JSON list of links; {_IP_HELP}")
     return [_link(entry, source, n) for n, entry in enumerate(data, start=1)]
+
+
+def records_addresses(path: Path) -> bool:
+    """Whether the ``ip -j`` output at ``path`` holds addresses (``ip -j addr``, not ``link``)."""
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, list) and any(isinstance(e, dict) and "addr_info" in e for e in data)
 
 
 def read_ip_link_json(path: Path) -> list[Link]:

@@ -76,8 +76,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-# Not usable (yet): IPv6 duplicate address detection is running, or found a duplicate.
-IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
+IFA_F_DADFAILED = 0x08  # IPv6 duplicate address detection found the address in use: unusable
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_CARRIER = 1, 3, 16, 18, 33
 IFLA_INFO_KIND = 1
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -206,9 +205,12 @@ def link_from_message(payload: bytes) -> Link | None:
 def address_from_message(payload: bytes) -> tuple[int, str, bool] | None:
     """Translate an ifaddrmsg payload (RTM_NEWADDR, RTM_DELADDR, a dump entry).
 
-    Returns (link index, "address/prefix length", usable), or None for what is not an IPv4 or
-    IPv6 address. An address is not usable while IPv6 duplicate address detection runs
-    (tentative) or after it failed: a rule testing addresses waits until the link can use it.
+    Returns (link index, the address as ``ip`` prints it, usable), or None for what is not an
+    IPv4 or IPv6 address. The text is "10.20.0.5/16", or "10.0.0.1 peer 10.0.0.2/32" on a
+    point-to-point link (two such addresses differ by their peer only). An address is usable
+    unless IPv6 duplicate address detection failed; a tentative one (DAD still running) counts:
+    the kernel makes addresses kept on a down link tentative without saying so, and counting
+    them keeps what events built equal to a fresh dump.
     """
     if len(payload) < _IFADDR.size:
         return None
@@ -218,15 +220,18 @@ def address_from_message(payload: bytes) -> tuple[int, str, bool] | None:
     attrs = _attributes(payload, _IFADDR.size, len(payload))
     if (extended := attrs.get(IFA_FLAGS)) is not None and len(extended) >= 4:
         flags = struct.unpack_from("=I", extended)[0]  # the 8-bit field holds only the low bits
-    # IFA_LOCAL is the address itself; IFA_ADDRESS is the peer's on point-to-point links, and
-    # the only one for IPv6.
-    raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
     size = 4 if family == socket.AF_INET else 16
-    if raw is None or len(raw) != size:
+    # IFA_LOCAL is the address itself and IFA_ADDRESS the peer's on point-to-point links; IPv6
+    # (and IPv4 without a peer) has IFA_ADDRESS only, or both equal.
+    local, peer = attrs.get(IFA_LOCAL), attrs.get(IFA_ADDRESS)
+    if local is None:
+        local, peer = peer, None
+    if local is None or len(local) != size or (peer is not None and len(peer) != size):
         return None
-    address = ipaddress.ip_address(raw)
-    usable = not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
-    return index, f"{address}/{prefix}", usable
+    text = f"{ipaddress.ip_address(local)}"
+    if peer is not None and peer != local:
+        text += f" peer {ipaddress.ip_address(peer)}"
+    return index, f"{text}/{prefix}", not flags & IFA_F_DADFAILED
 
 
 def _dump(sock: socket.socket, kind: int, body: bytes) -> list[bytes] | None:
@@ -393,7 +398,7 @@ class NetlinkSource:
                     index, address, usable = entry
                     if kind == RTM_NEWADDR and usable:
                         yield AddressAdded(index, address)
-                    else:  # deleted, or (again) tentative
+                    else:  # deleted, or duplicate address detection failed
                         yield AddressRemoved(index, address)
                 continue
             if kind not in (RTM_NEWLINK, RTM_DELLINK):

@@ -11,8 +11,8 @@ reading the capture file. Here are:
     CLOCK_MONOTONIC seconds.
   * ``ip monitor link``, ``ip -ts monitor link`` (ISO time per line), ``ip -t monitor link``
     (``Timestamp:`` lines); ``ip -d …`` adds the link kind, ``ip monitor link address`` the
-    addresses (a tentative one is not usable yet, as live). Without timestamps, events count as
-    simultaneous.
+    addresses (point-to-point ones too; one that failed DAD is removed, as live). Without
+    timestamps, events count as simultaneous.
 
   A file may hold blocks of both kinds (two monitors writing to one file). Each kind keeps its
   own clock, so each is placed on the virtual clock relative to its own first event.
@@ -124,7 +124,7 @@ _IP_LINK = re.compile(
 )
 _IP_ADDR = re.compile(
     r"^(?P<deleted>Deleted )?(?P<index>\d+): (?P<name>\S+)\s+inet6? "
-    r"(?P<address>[0-9a-fA-F.:]+/\d+)(?P<rest>.*)$"
+    r"(?P<address>[0-9a-fA-F.:]+(?:/\d+| peer [0-9a-fA-F.:]+/\d+))(?P<rest>.*)$"
 )
 _IP_STATE = re.compile(r"\bstate (\S+)")
 _IP_ADDRESS = re.compile(r"^\s+link/\S+(?: (?P<mac>[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2})+))?")
@@ -221,12 +221,16 @@ def parse_events(text: str, source: str) -> list[TimedChange]:
 
 def _address_change(match: re.Match[str], source: str, number: int) -> WorldChange:
     index = int(match["index"])
+    text = match["address"]
     try:
-        address = str(ipaddress.ip_interface(match["address"]))
+        if " peer " in text:  # a point-to-point address: "10.0.0.1 peer 10.0.0.2/32"
+            local, peer = text.split(" peer ")
+            address = f"{ipaddress.ip_address(local)} peer {ipaddress.ip_interface(peer)}"
+        else:
+            address = str(ipaddress.ip_interface(text))
     except ValueError:
-        raise DumpError(f"{source}:{number}: {match['address']!r} is not an IP address") from None
-    flags = match["rest"].split()
-    if match["deleted"] or "tentative" in flags or "dadfailed" in flags:
+        raise DumpError(f"{source}:{number}: {text!r} is not an IP address") from None
+    if match["deleted"] or "dadfailed" in match["rest"].split():
         return AddressRemoved(index, address)
     return AddressAdded(index, address)
 

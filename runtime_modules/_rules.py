@@ -148,7 +148,8 @@ class Networks:
     def match(self, addresses: Iterable[str]) -> bool:
         for text in addresses:
             try:
-                ip = ipaddress.ip_interface(text).ip
+                # "10.20.0.5/16", or "10.0.0.1 peer 10.0.0.2/32": the link's own address first.
+                ip = ipaddress.ip_interface(text.split(" ", 1)[0]).ip
             except ValueError:
                 continue
             # ``in`` is False across versions (an IPv4 address in an IPv6 network), never raises.

@@ -71,9 +71,10 @@ class Link:
     operstate: OperState = OperState.UNKNOWN
     carrier: bool | None = None
     mac: str | None = None  # lower-case "aa:bb:cc:dd:ee:ff"
-    # Usable IP addresses with their prefix length ("10.20.0.5/16", "fd00::5/64"), as RTM_NEWADDR
-    # or ``ip -j addr`` reports them; only read when a rule tests addresses. Link messages do not
-    # carry them, so a ``LinkUpsert`` keeps what the world knew (see ``World.apply``).
+    # IP addresses with their prefix length as ``ip`` prints them ("10.20.0.5/16", "fd00::5/64",
+    # "10.0.0.1 peer 10.0.0.2/32"), but those that failed duplicate address detection; only read
+    # when a rule tests addresses. Link messages do not carry them, so a ``LinkUpsert`` keeps what
+    # the world knew (see ``World.apply``).
     addresses: frozenset[str] = frozenset()
 
 
@@ -114,7 +115,7 @@ class LinkRemoved:
 
 @dataclass(frozen=True, slots=True)
 class AddressAdded:
-    """The link ``index`` has the usable address ``address`` ("10.20.0.5/16") now."""
+    """The link ``index`` has the address ``address`` ("10.20.0.5/16") now."""
 
     index: int
     address: str
@@ -122,7 +123,7 @@ class AddressAdded:
 
 @dataclass(frozen=True, slots=True)
 class AddressRemoved:
-    """The link ``index`` no longer has the usable address ``address``."""
+    """The link ``index`` no longer has the address ``address`` (or it failed DAD)."""
 
     index: int
     address: str

@@ -265,15 +265,17 @@ def test_ip_addr_json_carries_the_usable_addresses(netns: str, tmp_path: Path) -
     ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "lab0")
     ip_netns(netns, "addr", "add", "fd00:7::5/64", "dev", "lab0", "nodad")
     ip_netns(netns, "addr", "add", "fd00:8::5/64", "dev", "peer0")  # tentative for a second
+    ip_netns(netns, "addr", "add", "10.0.0.1", "peer", "10.0.0.2", "dev", "peer0")
     out = tmp_path / "addr.json"
     with out.open("w") as f:
         subprocess.run(["ip", "-n", netns, "-j", "-d", "addr"], stdout=f, check=True)
     live = {link.ifname: link.addresses for link in enumerate_links(netns, addresses=True)}
     links = {link.ifname: link for link in read_ip_link_json(out)}
     assert {"10.20.0.5/16", "fd00:7::5/64"} <= links["lab0"].addresses
-    assert "fd00:8::5/64" not in links["peer0"].addresses  # tentative: not usable yet
-    # The recording reads as the live source sees the same moment (DAD may have passed since).
-    assert links["lab0"].addresses == live["lab0"] and links["lo"].addresses == live["lo"]
+    # Tentative counts, as live; a point-to-point address is written as `ip` writes it.
+    assert {"fd00:8::5/64", "10.0.0.1 peer 10.0.0.2/32"} <= links["peer0"].addresses
+    # The recording reads as the live source sees the same moment.
+    assert {name: link.addresses for name, link in links.items()} == live
     assert links["lab0"].kind == "veth" and links["lab0"].operstate is OperState.UP
 
 
@@ -290,12 +292,12 @@ def test_ip_link_down_and_errors() -> None:
         ('[{"ifindex": 1, "ifname": "x", "addr_info": 3}]', "entry 1 (x): `addr_info`"),
         (
             '[{"ifindex": 1, "ifname": "x", "addr_info": [{"family": "inet", "local": "1.2.3"}]}]',
-            "'1.2.3'/None is not an IP address",
+            "'1.2.3'/None is not an IP address with a prefix; make one with `ip -j -d addr",
         ),
     ]:
         with pytest.raises(DumpError) as info:
             parse_ip_link_json(text, "l.json")
-        assert what in str(info.value) and "ip -j -d link" in str(info.value)
+        assert what in str(info.value) and re.search(r"ip -j -d (link|addr)", str(info.value))
 
 
 def test_world_from_files_merges_one_machine(

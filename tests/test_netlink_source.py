@@ -13,6 +13,7 @@ import pytest
 
 from runtime_modules._errors import ConfigError
 from runtime_modules._netlink_source import NetlinkSource, enumerate_links
+from runtime_modules._rules import Networks
 from runtime_modules._world import (
     AddressAdded,
     AddressRemoved,
@@ -247,24 +248,48 @@ def test_address_events_follow_adds_dad_and_removals(netns: str) -> None:
         assert world == World.of(links=enumerate_links(netns, addresses=True))
 
 
-def test_a_tentative_address_counts_once_it_is_usable(netns: str) -> None:
+def test_a_tentative_address_counts_and_one_kept_on_a_down_link_stays(netns: str) -> None:
     ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
-    ip_netns(netns, "link", "set", "va", "up")
-    ip_netns(netns, "link", "set", "vb", "up")
+    for name in ("va", "vb"):
+        ip_netns(netns, "link", "set", name, "addrgenmode", "none")
+        ip_netns(netns, "link", "set", name, "up")
+    # keep_addr_on_down: the kernel keeps va's address when it goes down, makes it tentative
+    # and tells nobody; counting tentative addresses keeps the events' world equal to a dump.
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.va.keep_addr_on_down=1"],
+        check=True,
+    )
+    world = World.of(links=enumerate_links(netns, addresses=True))
     with NetlinkSource(netns, addresses=True) as source:
         ip_netns(netns, "addr", "add", "fd00:7::5/64", "dev", "va")
         early = {link.ifname: link for link in enumerate_links(netns, addresses=True)}
         index = early["va"].index
-        usable = AddressAdded(index, "fd00:7::5/64")
-        seen = _read_until(source, lambda s: usable in s)
-    # The address was tentative right after `ip addr add` (DAD runs about a second), and only
-    # the kernel's second RTM_NEWADDR, once DAD passed, made it usable. (Link-local addresses
-    # come and go meanwhile.)
-    assert "fd00:7::5/64" not in early["va"].addresses
-    assert AddressRemoved(index, "fd00:7::5/64") in seen  # the tentative one: not usable
-    assert seen.index(AddressRemoved(index, "fd00:7::5/64")) < seen.index(
-        AddressAdded(index, "fd00:7::5/64")
-    )
+        seen = _read_until(source, lambda s: AddressAdded(index, "fd00:7::5/64") in s)
+        assert "fd00:7::5/64" in early["va"].addresses  # tentative, and counted at once
+        for change in seen:
+            world.apply(change)
+        time.sleep(2.5)  # duplicate address detection passes (its RTM_NEWADDR changes nothing)
+        ip_netns(netns, "link", "set", "va", "down")
+        time.sleep(0.2)
+        for change in _read_until(source, lambda s: False, timeout=0.3):
+            world.apply(change)
+    assert _addresses(world, "va") == {"fd00:7::5/64"}
+    assert world == World.of(links=enumerate_links(netns, addresses=True))
+
+
+def test_point_to_point_addresses_differ_by_their_peer(netns: str) -> None:
+    ip_netns(netns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    world = World.of(links=enumerate_links(netns, addresses=True))
+    with NetlinkSource(netns, addresses=True) as source:
+        ip_netns(netns, "addr", "add", "10.0.0.1", "peer", "10.0.0.2", "dev", "d0")
+        ip_netns(netns, "addr", "add", "10.0.0.1", "peer", "10.0.0.3", "dev", "d0")
+        ip_netns(netns, "addr", "del", "10.0.0.1", "peer", "10.0.0.2", "dev", "d0")
+        for change in _read_until(source, lambda s: len(s) >= 3):
+            world.apply(change)
+    assert _addresses(world, "d0") == {"10.0.0.1 peer 10.0.0.3/32"}  # one is left, as ip says
+    assert world == World.of(links=enumerate_links(netns, addresses=True))
+    assert Networks.of("10.0.0.0/8").match(_addresses(world, "d0"))  # by the local address
+    assert not Networks.of("10.0.0.3").match(_addresses(world, "d0"))  # not by the peer
 
 
 def test_without_address_rules_address_changes_are_not_heard(netns: str) -> None:
@@ -289,13 +314,16 @@ def test_our_address_decoder_agrees_with_pyroute2(netns: str) -> None:
     with IPRoute(netns=netns, flags=0) as ipr:
         theirs: dict[int, set[str]] = {}
         for msg in ipr.get_addr():
-            local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            theirs.setdefault(msg["index"], set()).add(f"{local}/{msg['prefixlen']}")
+            local, peer = msg.get_attr("IFA_LOCAL"), msg.get_attr("IFA_ADDRESS")
+            text = local or peer
+            if local and peer and peer != local:
+                text += f" peer {peer}"
+            theirs.setdefault(msg["index"], set()).add(f"{text}/{msg['prefixlen']}")
     ours = {link.index: set(link.addresses) for link in enumerate_links(netns, addresses=True)}
     assert {i: a for i, a in ours.items() if a} == theirs
     by_name = {link.ifname: link for link in enumerate_links(netns, addresses=True)}
     assert by_name["lo"].addresses == {"127.0.0.1/8", "::1/128"}
-    assert by_name["vb"].addresses == {"192.168.7.1/32", "fd00:7::5/64"}  # the local end
+    assert by_name["vb"].addresses == {"192.168.7.1 peer 192.168.7.2/32", "fd00:7::5/64"}
 
 
 def test_overrun_with_addresses_re_enumerates_them_too(netns: str) -> None:

@@ -112,7 +112,7 @@ IP_D = """\
 """
 
 # `ip -ts monitor link address` on a veth: an IPv4 address, an IPv6 one first tentative (duplicate
-# address detection) then usable, and the IPv4 one deleted.
+# address detection) then usable, the IPv4 one deleted, a point-to-point one, one that failed DAD.
 IP_ADDR = """\
 [2026-11-22T07:05:07.905384] 3: va@vb: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP group default 
     link/ether 56:0e:a1:fb:23:81 brd ff:ff:ff:ff:ff:ff
@@ -123,6 +123,10 @@ IP_ADDR = """\
 [2026-11-22T07:05:08.212156] Deleted 3: va    inet 10.20.0.5/16 scope global va
        valid_lft forever preferred_lft forever
 [2026-11-22T07:05:09.838627] 3: va    inet6 fd00:7::5/64 scope global 
+       valid_lft forever preferred_lft forever
+[2026-11-22T07:05:10.000000] 3: va    inet 10.0.0.1 peer 10.0.0.2/32 scope global va
+       valid_lft forever preferred_lft forever
+[2026-11-22T07:05:11.000000] 3: va    inet6 fd00:9::5/64 scope global dadfailed tentative 
        valid_lft forever preferred_lft forever
 """
 
@@ -180,17 +184,19 @@ def test_ip_monitor_address_lines_become_address_changes(tmp_path: Path) -> None
     events = parse_events(IP_ADDR, "capture")
     assert [e.change for e in events[1:]] == [
         AddressAdded(3, "10.20.0.5/16"),
-        AddressRemoved(3, "fd00:7::5/64"),  # tentative: not usable yet
+        AddressAdded(3, "fd00:7::5/64"),  # tentative counts, as live
         AddressRemoved(3, "10.20.0.5/16"),
-        AddressAdded(3, "fd00:7::5/64"),
+        AddressAdded(3, "fd00:7::5/64"),  # duplicate detection passed: nothing new
+        AddressAdded(3, "10.0.0.1 peer 10.0.0.2/32"),
+        AddressRemoved(3, "fd00:9::5/64"),  # duplicate detection failed: unusable
     ]
-    assert events[-1].time - events[0].time == pytest.approx(1.933243, abs=1e-5)
+    assert events[4].time - events[0].time == pytest.approx(1.933243, abs=1e-5)
     rules = _rules(LINK_RULES.replace('ifname = "va"', 'ip = "fd00::/8"').replace('"1s"', '"0.5s"'))
     capture = tmp_path / "addresses.txt"
     capture.write_text(IP_ADDR)
     decisions = replay(capture, rules, World(), applied=frozenset())
     activated = next(d for d in decisions if type(d.action).__name__ == "RuleActivated")
-    assert activated.time == pytest.approx(1.933243 + 0.5, abs=1e-5)  # from the usable one
+    assert activated.time == pytest.approx(0.003324 + 0.5, abs=1e-5)  # from the first one
 
 
 def test_ip_dash_t_timestamps_and_dash_d_kinds() -> None:
