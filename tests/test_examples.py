@@ -179,3 +179,11 @@ def test_lab_follows_an_address_in_the_lab_network_on_any_link(
     ev = evaluate(example_rules, _recorded(netns, "addr", tmp_path))
     assert ev.wanted_modules() == {"lab": ("lab-on-the-lab-network",)}
     assert ev["lab-on-the-lab-network"].matches == ("enp0s31f6",)
+    # A link with no carrier to report ("unknown" when up, as tun and WireGuard links are; here
+    # the loopback, which every kernel has) in the lab's network counts too.
+    ip_netns(netns, "addr", "del", "10.20.4.20/16", "dev", "enp0s31f6")
+    ip_netns(netns, "link", "set", "lo", "up")
+    ip_netns(netns, "addr", "add", "fd00:20::7/64", "dev", "lo")
+    world = _recorded(netns, "addr", tmp_path)
+    assert world.link_by_name("lo").operstate.value == "unknown"  # type: ignore[union-attr]
+    assert evaluate(example_rules, world)["lab-on-the-lab-network"].matches == ("lo",)
