@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,15 +285,15 @@ def test_explain_unknown_module(
 def test_explain_takes_rules_paths_like_simulate(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # where no file is named like a module
+    monkeypatch.chdir(tmp_path)
     more = tmp_path / "more"
     more.mkdir()
     (more / "demo.toml").write_text(
         '[[rule]]\nname = "demo-veth"\nmodules = ["demo"]\n[rule.when.link]\nkind = "veth"\n'
     )
     links = tmp_path / "links.json"
-    links.write_text(json.dumps([{"ifindex": 7, "ifname": "v0", "operstate": "UP",
-                                  "linkinfo": {"info_kind": "veth"}}]))  # fmt: skip
+    v0 = {"ifindex": 7, "ifname": "v0", "operstate": "UP", "linkinfo": {"info_kind": "veth"}}
+    links.write_text(json.dumps([{**v0, "addr_info": []}]))  # as `ip -j -d addr` writes it
     recording = ["--links", str(links)]
     # The form the demo prints, as for watch and simulate: every path after one --rules.
     code, out, err = run(capsys, "explain", "--rules", RULES, str(more), *recording)
@@ -314,8 +315,15 @@ def test_explain_takes_rules_paths_like_simulate(
     assert (code, out) == (2, "")
     assert err == (
         "runtime-modules: no rule names module 'mroe'; rules name: gaming, lab, virtualization "
-        "('mroe' after --rules is no file or folder, so it was taken for a module)\n"
+        "(a bare name after --rules is a module; write ./mroe for a folder)\n"
     )
+    # The reading does not depend on what is in the current directory.
+    (tmp_path / "demo").mkdir()
+    code, out, err = run(capsys, "explain", "--rules", RULES, str(more), "demo", *recording)
+    assert (code, out.splitlines()[0], err) == (0, "demo: wanted", "")
+    assert "gaming" not in out  # "demo" was the module, not ./demo
+    code, out, err = run(capsys, "explain", "--rules", RULES, "./more", *recording)
+    assert code == 0 and out.splitlines()[0] == "demo: wanted", err  # ./NAME: a folder here
 
 
 @pytest.mark.usefixtures("udevd")
@@ -337,7 +345,7 @@ def test_explain_the_live_machine(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.count("  rule ") == 5  # every example rule explained
     # The address rule was explained with this machine's addresses (lo has 127.0.0.1/8).
     assert world.link_by_name("lo").addresses >= {"127.0.0.1/8"}  # type: ignore[union-attr]
-    assert "rule lab-on-the-lab-network: no link with operstate=up and ip=" in out
+    assert re.search(r"rule lab-on-the-lab-network: (no link with operstate=|.*active)", out)
 
 
 def test_the_installed_command(tmp_path: Path) -> None:
@@ -399,3 +407,32 @@ def test_names_are_shown_never_obeyed_by_the_terminal(
     text = out.out + out.err
     assert "evil\\x1b]0;owned\\x07\\u202e.toml" in text
     assert not any(c in text for c in "\x1b\x07\u202e")
+
+
+@pytest.mark.root
+def test_a_links_recording_without_addresses_is_said_when_rules_test_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, netns: str
+) -> None:
+    from tests.fixtures.system import ip_netns
+
+    ip_netns(netns, "link", "add", "lab0", "type", "veth", "peer", "name", "peer0")
+    ip_netns(netns, "addr", "add", "10.20.0.5/16", "dev", "lab0")
+    files = {}
+    for what in ("link", "addr"):
+        files[what] = tmp_path / f"{what}.json"
+        with files[what].open("w") as f:
+            subprocess.run(["ip", "-n", netns, "-j", "-d", what], stdout=f, check=True)
+    code, out, err = run(capsys, "explain", "--rules", RULES, "--links", str(files["link"]))
+    assert code == 0
+    assert err == (
+        f"runtime-modules: warning: {files['link']} holds no addresses (made with `ip -j link`?), "
+        "and some rules test `ip`: they see links without any; record with `ip -j -d addr > "
+        "FILE`\n"
+    )
+    code, out, err = run(capsys, "explain", "--rules", RULES, "--links", str(files["addr"]))
+    assert (code, err) == (0, "")
+    # The address was read: lab0 misses the rule by its state only.
+    assert (
+        "rule lab-on-the-lab-network: no link with operstate=[up, unknown] and "
+        "ip=[10.20.0.0/16, fd00:20::/48]; closest: lab0 has operstate=down\n"
+    ) in out, out

@@ -76,10 +76,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="explain_rules",
         nargs="+",
         action="append",
-        type=Path,
         metavar="PATH",
-        help="rule files or folders (default: the configured rules); a name after the first "
-        "PATH that is no file or folder is taken for a MODULE",
+        help="rule files or folders (default: the configured rules); after the first PATH, a "
+        "bare name (no '/', no .toml/.json) is a MODULE: write ./NAME for a folder here",
     )
     _add_world_arguments(p, many=False)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -175,9 +174,18 @@ def _recorded(args: argparse.Namespace) -> bool:
     return bool(args.udev_dbs or args.umockdevs or args.link_files)
 
 
-def _world_from_args(args: argparse.Namespace) -> World:
-    from .._dumps import world_from_files
+def _world_from_args(args: argparse.Namespace, rules: RuleSet) -> World:
+    from .._dumps import records_addresses, world_from_files
 
+    if rules.needs().addresses:
+        for path in args.link_files:
+            if not records_addresses(path):
+                print(
+                    f"runtime-modules: warning: {path} holds no addresses (made with `ip -j "
+                    "link`?), and some rules test `ip`: they see links without any; record "
+                    "with `ip -j -d addr > FILE`",
+                    file=sys.stderr,
+                )
     return world_from_files(udev_dbs=args.udev_dbs, umockdevs=args.umockdevs, links=args.link_files)
 
 
@@ -301,7 +309,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
     known = _known_modules(args, settings, implicit=False)
     rules = _load(settings, known)
-    world = _world_from_args(args)
+    world = _world_from_args(args, rules)
     if not _recorded(args):
         print(
             "simulate: no --udev-db, --umockdev or --links given: starting from an empty machine",
@@ -323,29 +331,25 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 # --- explain --------------------------------------------------------------------------------
 
 
-def _explain_paths(groups: list[list[Path]]) -> tuple[list[Path], list[str]]:
+def _explain_paths(groups: list[list[str]]) -> tuple[list[Path], list[str]]:
     """The rule paths and the MODULEs among the values of ``--rules PATH...``.
 
-    The first value of each ``--rules`` is a path; a later one is a MODULE when it is no file or
-    folder and has a module name's shape (not a .toml/.json name), as in
-    ``explain --rules rules/ gaming``.
+    The first value of each ``--rules`` is a path; a later one is a MODULE when it is a bare
+    name: a module name's shape, no '/' and no .toml/.json suffix, as in ``explain --rules
+    rules/ gaming``. Whether a file of that name exists does not matter, so the reading never
+    depends on the current directory: a folder here is written ``./lab`` or ``lab/``.
     """
     from .._registry import MODULE_NAME
 
     paths: list[Path] = []
     modules: list[str] = []
     for first, *rest in groups:
-        paths.append(first)
-        for value in rest:
-            text = str(value)
-            if (
-                MODULE_NAME.fullmatch(text)
-                and value.suffix not in (".toml", ".json")
-                and not os.path.lexists(value)
-            ):
+        paths.append(Path(first))
+        for text in rest:
+            if MODULE_NAME.fullmatch(text) and Path(text).suffix not in (".toml", ".json"):
                 modules.append(text)
             else:
-                paths.append(value)
+                paths.append(Path(text))
     return paths, modules
 
 
@@ -365,7 +369,7 @@ def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
             continue
         # A typo in a path after --rules reads as a module: say which reading was made.
         taken = (
-            f" ({module!r} after --rules is no file or folder, so it was taken for a module)"
+            f" (a bare name after --rules is a module; write ./{module} for a folder)"
             if module in after_rules
             else ""
         )
@@ -374,7 +378,7 @@ def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
         close = difflib.get_close_matches(module, sorted(names), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"rules name: {', '.join(sorted(names))}"
         raise UnknownModuleError(f"no rule names module {module!r}; {hint}{taken}")
-    world = _world_from_args(args) if _recorded(args) else live_world(rules.needs())
+    world = _world_from_args(args, rules) if _recorded(args) else live_world(rules.needs())
     evaluation = evaluate(rules, world)
     explanations = explain(rules, world, evaluation, asked or None)
     modules = asked or _module_names(rules, known)
