@@ -132,6 +132,12 @@ def _check_networks(value: object) -> object:
                 f"must be an address or network string, or a list of them, not {type_name(item)}",
                 {"hint": 'write e.g. "10.20.0.0/16" or ["192.168.7.0/24", "fd00:7::/64"]'},
             )
+        if "%" in item:
+            raise PydanticCustomError(
+                "network",
+                f"{item!r} has a scope (%…): a rule's link is chosen by its other keys",
+                {"hint": 'write the address without it, and the link with ifname = "…"'},
+            )
         try:
             Networks.of(item)
         except ValueError as exc:

@@ -569,7 +569,8 @@ def rule_files(paths: Sequence[Path]) -> tuple[list[Path], list[RuleProblem]]:
     """The files that ``paths`` name: files as given, folders as their ``*.toml``/``*.json``.
 
     Hidden files (editor locks such as ``.#x.toml``) are skipped; order is by name within a
-    folder, so the error output and rule order are stable.
+    folder, so the error output and rule order are stable. A file named twice (``rules
+    rules/lab.toml``) is read once, where it is first named.
     """
     files: list[Path] = []
     problems: list[RuleProblem] = []
@@ -598,7 +599,14 @@ def rule_files(paths: Sequence[Path]) -> tuple[list[Path], list[RuleProblem]]:
                     "RUNTIME_MODULES_RULES; on NixOS, services.runtimeModules.rules writes them",
                 )
             )
-    return files, problems
+    seen: set[Path] = set()
+    unique = []
+    for file in files:
+        key = file.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(file)
+    return unique, problems
 
 
 def _read(path: Path) -> bytes | RuleProblem:

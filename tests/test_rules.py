@@ -362,6 +362,7 @@ def test_bad_durations_name_the_field(value: str) -> None:
         ('[rule.when.link]\nip = ["10.0.0.0/8", 7]', "when.link.ip", "not a number"),
         ("[rule.when.link]\nip = []", "when.link.ip", "an empty list matches nothing"),
         ('[rule.when.link]\nip = "10.*"', "when.link.ip", "is not an IP address or network"),
+        ('[rule.when.link]\nip = "fe80::1%eth0"', "when.link.ip", "has a scope (%…)"),
         (
             '[rule.when.device]\nattributes = { "../../etc/shadow" = "x" }',
             "when.device.attributes",
@@ -407,6 +408,12 @@ def test_every_problem_of_every_file_at_once(tmp_path: Path) -> None:
     assert by_file["c.toml"].field == "when.device"
     assert "not UTF-8" in by_file["d.toml"].message
     assert "no such file" in by_file["missing.toml"].message
+
+
+def test_a_file_named_twice_is_read_once(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text(rule('[rule.when.link]\nifname = "x"'))
+    rules = load_rules([tmp_path, tmp_path / "a.toml", tmp_path / ".." / tmp_path.name / "a.toml"])
+    assert [r.name for r in rules.rules] == ["r"] and rules.sources == (str(tmp_path / "a.toml"),)
 
 
 def test_folder_order_and_suffixes(tmp_path: Path) -> None:
