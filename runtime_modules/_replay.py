@@ -11,7 +11,8 @@ reading the capture file. Here are:
     CLOCK_MONOTONIC seconds.
   * ``ip monitor link``, ``ip -ts monitor link`` (ISO time per line), ``ip -t monitor link``
     (``Timestamp:`` lines); ``ip -d …`` adds the link kind, ``ip monitor link address`` the
-    addresses (point-to-point ones too; one that failed DAD is removed, as live). Without
+    addresses (point-to-point ones too; one that failed DAD is removed, as live); ``ip monitor
+    all`` tags its lines ([LINK], [ADDR], [ROUTE]…) and only the first two are read. Without
     timestamps, events count as simultaneous.
 
   A file may hold blocks of both kinds (two monitors writing to one file). Each kind keeps its
@@ -204,6 +205,11 @@ def parse_events(text: str, source: str) -> list[TimedChange]:
             except ValueError:
                 raise DumpError(f"{source}:{number}: unreadable timestamp {ts['ts']!r}") from None
             body = line[ts.end() :]
+        if body.startswith("["):  # `ip monitor all` tags each line: [LINK], [ADDR], [ROUTE]…
+            tag, _, rest = body[1:].partition("]")
+            if tag not in ("LINK", "ADDR"):
+                continue
+            body = rest
         if address := _IP_ADDR.match(body):
             change = _address_change(address, source, number)
             out.append(TimedChange(when or 0.0, "ip", change, number))

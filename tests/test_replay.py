@@ -199,6 +199,22 @@ def test_ip_monitor_address_lines_become_address_changes(tmp_path: Path) -> None
     assert activated.time == pytest.approx(0.003324 + 0.5, abs=1e-5)  # from the first one
 
 
+def test_ip_monitor_all_is_read_for_its_links_and_addresses() -> None:
+    tagged = "".join(
+        line if not line.startswith("[2026") else line.replace("] ", "] [ADDR]" if " inet" in
+                                                                 line else "] [LINK]", 1)
+        for line in IP_ADDR.splitlines(keepends=True)
+    )  # fmt: skip
+    noise = (
+        "[2026-11-22T07:05:07.905000] [NETCONF]inet va forwarding off rp_filter off\n"
+        "[2026-11-22T07:05:07.906999] [ROUTE]10.20.0.0/16 dev va proto kernel scope link\n"
+    )
+    assert "[LINK]3: va@vb" in tagged and "[ADDR]3: va    inet 10.20.0.5/16" in tagged
+    assert [e.change for e in parse_events(noise + tagged, "all")] == [
+        e.change for e in parse_events(IP_ADDR, "plain")
+    ]
+
+
 def test_ip_dash_t_timestamps_and_dash_d_kinds() -> None:
     t = parse_events(IP_T, "capture")
     assert t[1].time - t[0].time == pytest.approx(1.5)
