@@ -345,9 +345,21 @@ class Applier:
             return self._build_failed(
                 ctx, state, goal, build, system_before=system_before, log=log, hooks=hooks
             )
-        # Recovery must know the activated system too, to tell it from a switch by hand.
-        with contextlib.suppress(StateError, OSError):
+        # Recorded before the activation starts, or it does not start: recovery reads "nothing
+        # built" as "nothing activated", and tells the built system from a switch by hand.
+        try:
             save_state(self.settings, state.with_(in_progress=replace(progress, built=built)))
+        except StateError as exc:
+            message = (
+                f"could not {_phrase(before, goal, past=False)}: the built system could not be "
+                f"recorded before activating it ({exc}); the running system was not touched; "
+                f"{log.where()}"
+            )
+            end = _End(ApplyResult.FAILED, before, system_before, system_before, message, log)
+            return self._finish(
+                ctx, state, goal, end, hooks,
+                event=JournalEvent.APPLY_FAILED, post_hooks=True, mark_failed=True, phase="build",
+            )  # fmt: skip
         switch = Path(built) / "bin" / "switch-to-configuration"
         log.flush_tail()
         log.write(f"# activating: {switch} test")
@@ -784,23 +796,36 @@ class Applier:
         kill_group(pgid, wait=TERM_GRACE)
 
     def _recover_locked(self, state: State, lock: ApplyLock) -> ApplyOutcome:
+        """End the interrupted apply as a live one would have ended, through ``_finish``."""
         ip = state.in_progress
         assert ip is not None
-        started, t0 = time.time(), time.monotonic()
-        ctx = _Context(ip.apply_id, ip.started, t0, "recovery", False, None, None, lock)
+        # Timed from the apply's own start, so the record and the journal tell its whole span.
+        t0 = time.monotonic() - max(0.0, time.time() - ip.started)
+        ctx = _Context(ip.apply_id, ip.started, t0, ip.reason, False, None, None, lock)
         log = OutputLog(Path(ip.log_path) if ip.log_path else None)
         log.write(f"# recovery at {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}: the applier died")
         interrupted = (
             f"apply {ip.apply_id} ({_phrase(ip.before, ip.target, past=False)}, {ip.reason}) "
             f"was interrupted: its process {ip.pid} died"
         )
+        now = current_system(self.settings)
+        uncertain = None
+        if ip.built is None and now == ip.system_before:
+            # Died while building: the built system is recorded before any activation starts,
+            # so nothing was activated and there is nothing to roll back.
+            message = (
+                f"{interrupted} while building; the running system was not touched; {log.where()}"
+            )
+            end = _End(ApplyResult.FAILED, ip.before, ip.system_before, now, message, log)
+            return self._finish(
+                ctx, state, ip.target, end, [],
+                event=JournalEvent.APPLY_FAILED, post_hooks=True, mark_failed=True, phase="build",
+            )  # fmt: skip
         self.journal.send(
             JournalEvent.STATE_RECOVERED,
             f"{interrupted}; rolling back to {ip.system_before}",
             **self._fields(ctx, ip.before, ip.target),
         )
-        uncertain = None
-        now = current_system(self.settings)
         by_hand = now is not None and now not in (ip.system_before, ip.built)
         if ip.system_before is None:
             rolled_back, problem = False, "no previous system was recorded"
@@ -808,72 +833,37 @@ class Applier:
             rolled_back, problem = False, ""
         else:
             rolled_back, problem = self._roll_back(ip.system_before, ctx, log)
-        system_after = current_system(self.settings)
         if rolled_back:
-            result = ApplyResult.FAILED
-            message = f"{interrupted}; rolled back to {ip.system_before}; {log.where()}"
+            message = f"{interrupted}; rolled back to {ip.system_before}"
             event = JournalEvent.APPLY_ROLLED_BACK
         elif by_hand:
-            result = ApplyResult.FAILED
             message = (
                 f"{interrupted}; the running system is now {now}, neither the previous one nor "
                 "the one built, so it was switched by hand meanwhile and is not rolled back; run "
-                f"`runtime-modules rebuild` to make it match; {log.where()}"
+                "`runtime-modules rebuild` to make it match"
             )
             event = JournalEvent.APPLY_FAILED
             uncertain = f"switched by hand during an interrupted apply: the running system is {now}"
         else:
-            result = ApplyResult.ROLLBACK_FAILED
             message = (
                 f"{interrupted}; rolling back failed ({problem}): the system may be "
-                f"half-switched, run `runtime-modules rebuild`; {log.where()}"
+                "half-switched, run `runtime-modules rebuild`"
             )
             event = JournalEvent.ROLLBACK_FAILED
             uncertain = f"an interrupted apply could not be rolled back: {problem}"
-        self.journal.send(
-            event,
-            message,
-            **self._fields(ctx, ip.before, ip.before),
-            result=result,
-            system_before=ip.system_before,
-            system_after=system_after,
+        result = (
+            ApplyResult.FAILED
+            if event is not JournalEvent.ROLLBACK_FAILED
+            else (ApplyResult.ROLLBACK_FAILED)
         )
-        log.close()
-        changed = ip.before ^ ip.target
-        modules = dict(state.modules)
-        for name in changed:
-            modules[name] = ModuleState(status=ModuleStatus.FAILED, message=message, since=started)
-        new_state = State(
-            applied=ip.before,
-            modules=MappingProxyType(modules),
-            last_apply=ApplyRecord(
-                apply_id=ip.apply_id,
-                started=ip.started,
-                duration=time.time() - ip.started,
-                result=result,
-                reason=ip.reason,
-                before=ip.before,
-                after=ip.before,
-                target=ip.target,
-                system_before=ip.system_before,
-                system_after=system_after,
-                log_path=ip.log_path,
-                message=message,
-            ),
-            uncertain=uncertain or state.uncertain,
-        )
-        save_state(self.settings, new_state)
-        return ctx.outcome(
-            result,
-            ip.before,
-            ip.before,
-            message,
-            system_before=ip.system_before,
-            system_after=system_after,
-            log_path=log.path,
-            target=ip.target,
-            started=started,
-        )
+        end = _End(
+            result, ip.before, ip.system_before, current_system(self.settings),
+            f"{message}; {log.where()}", log,
+        )  # fmt: skip
+        return self._finish(
+            ctx, state, ip.target, end, [],
+            event=event, post_hooks=True, mark_failed=True, uncertain=uncertain,
+        )  # fmt: skip
 
     def _roll_back(self, system_before: str, ctx: _Context, log: OutputLog) -> tuple[bool, str]:
         """Switch back to ``system_before``; (done, why not). Not cancellable: it must finish."""
@@ -883,10 +873,13 @@ class Applier:
         rollback_ctx = _Context(
             ctx.apply_id, ctx.started, ctx.t0, ctx.reason, ctx.force, ctx.on_output, None, ctx.lock
         )
-        run = self._run([str(switch), "test"], self.settings.apply_timeout, rollback_ctx, log)
+        # Like the activation it undoes, never killed: a half-run switch is what it repairs.
+        run = self._run(
+            [str(switch), "test"], ACTIVATION_REPORT_AFTER, rollback_ctx, log, killable=False
+        )
         now = current_system(self.settings)
         if not run.ok:
-            return False, run.describe("switch-to-configuration", self.settings.apply_timeout)
+            return False, run.describe("switch-to-configuration", ACTIVATION_REPORT_AFTER)
         if now != system_before:
             return False, f"switch-to-configuration succeeded but the running system is {now}"
         return True, ""

@@ -177,12 +177,26 @@ def test_a_sigkilled_phase_fails_and_only_activation_rolls_back(
     assert "was killed by signal SIGKILL" in outcome.message
     name = "nixos-rebuild build" if phase == "build" else "switch-to-configuration test of"
     assert f"could not enable podman: {name}" in outcome.message
-    rollbacks = [r for r in fake_system.records("switch") if r["system"] != outcome.target]
     systems = [r["system"] for r in fake_system.records("switch")]
     if phase == "build":
         assert systems == []
-    else:
-        assert systems[-1] == str(fake_system.initial_system) and len(rollbacks) >= 1
+    else:  # the built system's activation, killed; then the previous one's: the rollback
+        assert len(systems) == 2 and systems[0] != systems[1] == str(fake_system.initial_system)
+    _assert_consistent(fake_system, outcome)
+
+
+def test_a_rollback_is_never_cut_off_by_the_build_timeout(fake_system: FakeSystem) -> None:
+    # The previous system's activation takes longer than --timeout allows the build: the
+    # rollback must still run to its end, never be killed half-way.
+    (fake_system.initial_system / "switch-mode").write_text("sleep:2")
+    fake_system.control(switch="fail")
+    s = fake_system.settings.with_(apply_timeout=1.0)
+    outcome = Applier(s, fake_system.registry(), journal=fake_system.journal()).apply(
+        frozenset({"podman"}), reason="slow rollback"
+    )
+    assert outcome.result is ApplyResult.FAILED, outcome.message
+    assert f"rolled back to {fake_system.initial_system}" in outcome.message
+    assert fake_system.records("switched")[-1]["system"] == str(fake_system.initial_system)
     _assert_consistent(fake_system, outcome)
 
 
@@ -456,9 +470,18 @@ Applier(settings, load_registry(settings.registry), journal=journal).apply(
 
 def _hanging_applier(fake: FakeSystem) -> subprocess.Popen[bytes]:
     """Another process, applying {gaming} with a rebuild that hangs; returns once it hangs."""
-    s = fake.settings
     fake.control(mode="hang")
-    proc = subprocess.Popen(
+    proc = _applier_process(fake)
+    _wait_for(lambda: fake.records("hang"))
+    s = fake.settings
+    _wait_for(lambda: (ip := load_state(s).in_progress) is not None and ip.rebuild_pgid is not None)
+    return proc
+
+
+def _applier_process(fake: FakeSystem) -> subprocess.Popen[bytes]:
+    """Another process, applying {gaming} (to be killed)."""
+    s = fake.settings
+    return subprocess.Popen(
         [
             sys.executable,
             "-c",
@@ -472,9 +495,6 @@ def _hanging_applier(fake: FakeSystem) -> subprocess.Popen[bytes]:
         cwd=REPO,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for(lambda: fake.records("hang"))
-    _wait_for(lambda: (ip := load_state(s).in_progress) is not None and ip.rebuild_pgid is not None)
-    return proc
 
 
 def test_recover_after_the_applier_was_killed(fake_system: FakeSystem) -> None:
@@ -489,15 +509,38 @@ def test_recover_after_the_applier_was_killed(fake_system: FakeSystem) -> None:
     assert outcome is not None
     assert outcome.result is ApplyResult.FAILED
     assert "was interrupted: its process" in outcome.message
-    assert "rolled back to" in outcome.message
+    # Killed while building: nothing was activated, so nothing is switched back either.
+    assert "while building; the running system was not touched; full log: " in outcome.message
     _wait_for(lambda: not process_alive(hang["child"], None), timeout=5)
-    assert fake_system.records("switch")[-1]["system"] == str(fake_system.initial_system)
+    assert fake_system.records("switch") == []
+    assert os.path.realpath(s.current_system) == str(fake_system.initial_system)
     state = load_state(s)
     assert state.in_progress is None and state.applied == frozenset()
     assert state.module_status("gaming").status is ModuleStatus.FAILED
     assert _applier(fake_system).recover() is None
     # And the machine works again.
     assert _applier(fake_system).apply(frozenset({"gaming"}), reason="again").ok
+
+
+def test_recover_after_the_applier_was_killed_while_activating(fake_system: FakeSystem) -> None:
+    s = fake_system.settings
+    fake_system.control(switch="sleep:1")  # the activation outlives its applier, never killed
+    proc = _applier_process(fake_system)
+    _wait_for(lambda: fake_system.records("switch"))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    fake_system.control()
+    outcome = _applier(fake_system).recover()  # waits for the activation's lock, then repairs
+    assert outcome is not None and outcome.result is ApplyResult.FAILED
+    assert "was interrupted: its process" in outcome.message
+    assert f"; rolled back to {fake_system.initial_system}; full log: " in outcome.message
+    first, back = fake_system.records("switched")
+    assert first["system"] != back["system"] == str(fake_system.initial_system)
+    state = load_state(s)
+    assert state.in_progress is None and state.applied == frozenset()
+    assert state.module_status("gaming").status is ModuleStatus.FAILED
+    assert state.last_apply is not None and state.last_apply.reason == "to be killed"
+    assert state.last_apply.duration >= 1  # the apply's whole span, from its own start
 
 
 def test_a_waiting_apply_outlives_a_holder_that_dies(fake_system: FakeSystem) -> None:

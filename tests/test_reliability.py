@@ -248,24 +248,30 @@ def test_daemon_killed_mid_apply_recovers_on_restart(
     # The orphaned rebuild is gone, and rebuilds never overlapped.
     for start in fake_system.records("start"):
         assert not process_alive(start["pid"], None), context
-    # Each rebuild started after the one before had ended, or had been killed and rolled back.
+    # Recovery, when the kill left an apply in progress, is one line in the journal: killed
+    # while building, nothing was activated and nothing is rolled back; later, it rolls back.
+    recovered = [
+        entry
+        for event in (JournalEvent.APPLY_ROLLED_BACK, JournalEvent.APPLY_FAILED)
+        for entry in journal_entries(SYSLOG_IDENTIFIER=journal_tag, MESSAGE_ID=event.message_id)
+        if "was interrupted" in entry["MESSAGE"]
+    ]
+    if phase == "during it":
+        assert len(recovered) == 1, context
+        assert "\n" not in recovered[0]["MESSAGE"], context
+        if not fake_system.records("switch"):
+            assert (
+                "while building; the running system was not touched" in (recovered[0]["MESSAGE"])
+            ), context
+    # Each rebuild started after the one before had ended, or after recovery had stopped it.
+    recovered_at = [int(e["__REALTIME_TIMESTAMP"]) / 1e6 for e in recovered]
     records = fake_system.records()
     starts = [r["time"] for r in records if r["event"] == "start"]
     for first, then in itertools.pairwise(starts):
         between = [r for r in records if first < r["time"] < then]
-        assert any(
-            r["event"] == "end"
-            or (r["event"] == "switch" and r["system"] == str(fake_system.initial_system))
-            for r in between
+        assert any(r["event"] == "end" for r in between) or any(
+            first < t < then for t in recovered_at
         ), f"{context}: a rebuild started while another ran"
-    # Recovery, when the kill left an apply in progress, is one line in the journal.
-    recovered = journal_entries(
-        SYSLOG_IDENTIFIER=journal_tag, MESSAGE_ID=JournalEvent.APPLY_ROLLED_BACK.message_id
-    )
-    if phase == "during it":
-        assert recovered, context
-    for entry in recovered:
-        assert "\n" not in entry["MESSAGE"] and "was interrupted" in entry["MESSAGE"], context
     if phase == "after it" and ends[0]["ok"] and not left_in_progress:
         assert len(fake_system.records("start")) == 1, f"{context}: rebuilt what was applied"
 
@@ -305,29 +311,36 @@ def test_read_only_state_dir_at_the_daemon_then_writable_again(
 @pytest.mark.root
 @pytest.mark.usefixtures("journald")
 @reliability("state dir full (small tmpfs) when state is written")
+@pytest.mark.parametrize("phase", ["build", "activation"])
 def test_state_dir_fills_up_while_the_rebuild_runs(
-    fake_system: FakeSystem, tmpfs: Tmpfs, journal_tag: str
+    fake_system: FakeSystem, tmpfs: Tmpfs, journal_tag: str, phase: str
 ) -> None:
-    """The rebuild succeeds but its result cannot be recorded: it is rolled back, so the system
-    matches the state file that stays (previous set, apply in progress for the next start).
+    """The disk fills while the rebuild runs, so what follows cannot be recorded.
 
-    (Read-only cannot happen at that point: a file system with files open for writing, the
-    apply's log, refuses to be remounted read-only.)
+    During the build: the built system cannot be recorded, so it is not activated at all. During
+    the activation: it succeeds, but its result cannot be recorded, so it is rolled back and the
+    system matches the state file that stays (previous set, apply in progress for the next start).
+    (Read-only cannot happen then: a file system with files open for writing, the apply's log,
+    refuses to be remounted read-only.)
     """
     fake_system.settings = fake_system.settings.with_(state_dir=tmpfs.path / "state")
     journal = Journal(identifier=journal_tag)
     applier = Applier(fake_system.settings, fake_system.registry(), journal=journal)
     assert applier.apply(frozenset({"gaming"}), reason="first").ok
     previous = fake_system.current()
-    fake_system.control(sleep=0.5)
-    evaluated = len(fake_system.records("evaluated"))
+    if phase == "build":
+        fake_system.control(sleep=0.5)
+    else:
+        fake_system.control(switch="sleep:0.5")
+    marker = "evaluated" if phase == "build" else "switch"  # the flake is written / it activates
+    seen = len(fake_system.records(marker))
     outcome: list[Any] = []
     worker = threading.Thread(
         target=lambda: outcome.append(applier.apply(frozenset({"podman"}), reason="second"))
     )
     worker.start()
     deadline = time.monotonic() + 20
-    while len(fake_system.records("evaluated")) == evaluated:  # the flake is written by now
+    while len(fake_system.records(marker)) == seen:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     tmpfs.fill()
@@ -335,12 +348,18 @@ def test_state_dir_fills_up_while_the_rebuild_runs(
     (result,) = outcome
     assert result.result is ApplyResult.FAILED
     assert fake_system.current() == previous and fake_system.current_imports() == ["gaming"]
-    assert "the rebuild succeeded but the state could not be recorded" in result.message
+    if phase == "build":
+        assert "the built system could not be recorded before activating it" in result.message
+        assert "the running system was not touched" in result.message
+        assert [r["system"] for r in fake_system.records("switch")] == [str(previous)]  # first's
+    else:
+        assert "the rebuild succeeded but the state could not be recorded" in result.message
+        assert "rolled back to" in result.message
     assert "\n" not in result.message
     assert "is full; free some space" in result.message
     state = load_state(fake_system.settings)
-    assert state.applied == {"gaming"}  # the truth: the rollback made it so
-    assert state.in_progress is not None  # the next start rolls back (again: harmless)
+    assert state.applied == {"gaming"}  # the truth: nothing activated, or rolled back
+    assert state.in_progress is not None  # the next start recovers it (harmless)
     ids = _ids(_journal_of_apply(result.apply_id))
     assert JournalEvent.STATE_WRITE_FAILED.message_id in ids
     assert ids[-1] == JournalEvent.APPLY_FAILED.message_id

@@ -126,9 +126,9 @@ CASES: tuple[Case, ...] = (
     Case(
         "state directory",
         "state dir full (small tmpfs) when state is written",
-        "nothing runs; or, full after the rebuild, the rebuild is rolled back so the system "
-        "matches the file that stays; one line `… is full; free some space`; journal "
-        "STATE_WRITE_FAILED",
+        "nothing runs; full during the build, nothing is activated; full during the "
+        "activation, it is rolled back so the system matches the file that stays; one line "
+        "`… is full; free some space`; journal STATE_WRITE_FAILED",
         (
             A + "test_full_state_dir_stops_before_anything_runs",
             S + "test_full_state_dir_gives_a_clear_error_and_keeps_the_state",
