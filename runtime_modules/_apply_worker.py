@@ -91,7 +91,8 @@ class ApplyWorker:
         thread.start()
 
     def cancel(self) -> None:
-        """Ask the running apply to stop; the applier kills nixos-rebuild and rolls back."""
+        """Ask the running apply to stop: a build is killed (nothing was activated); an
+        activation already running is let finish, then rolled back if it failed."""
         if self._flight is not None:
             self._flight[2].set()
 

@@ -48,9 +48,10 @@ class ApplyResult(enum.Enum):
     SUCCEEDED = "succeeded"
     UNCHANGED = "unchanged"  # the target was already applied: no rebuild
     DRY_RUN = "dry-run"  # everything but nixos-rebuild
-    FAILED = "failed"  # nixos-rebuild failed (or the applier died); rolled back
-    TIMED_OUT = "timed-out"  # killed after the apply timeout; rolled back
-    CANCELLED = "cancelled"  # stopped on request (daemon shutdown); rolled back
+    FAILED = "failed"  # the build or the activation failed (or the applier died); a failed
+    # activation is rolled back, a failed build never touched the running system
+    TIMED_OUT = "timed-out"  # the build was killed after the apply timeout; system untouched
+    CANCELLED = "cancelled"  # the build was stopped on request (daemon shutdown); untouched
     ROLLBACK_FAILED = "rollback-failed"  # ... and the previous system could not be restored
     VETOED = "vetoed"  # a pre-apply hook refused; nothing ran
 
