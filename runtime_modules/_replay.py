@@ -6,9 +6,9 @@ reading the capture file. Here are:
 
 - Parsers for the captures users can make with stock tools (docs/daemon.md, "Replay"):
 
-  * ``udevadm monitor --udev --property`` (with or without ``--property``; KERNEL blocks are
-    skipped: the daemon listens to udev's events, after its rules ran). Timestamps are
-    CLOCK_MONOTONIC seconds.
+  * ``udevadm monitor --udev --property`` (``--property`` is needed but for ``remove``; KERNEL
+    blocks are skipped: the daemon listens to udev's events, after its rules ran). Timestamps
+    are CLOCK_MONOTONIC seconds.
   * ``ip monitor link``, ``ip -ts monitor link`` (ISO time per line), ``ip -t monitor link``
     (``Timestamp:`` lines); ``ip -d …`` adds the link kind, ``ip monitor link address`` the
     addresses (point-to-point ones too; one that failed DAD is removed, as live); ``ip monitor
@@ -188,6 +188,13 @@ def parse_events(text: str, source: str) -> list[TimedChange]:
             devpath = props.get("DEVPATH", header["devpath"])
             if not devpath.startswith("/"):
                 raise DumpError(f"{source}:{number}: DEVPATH {devpath!r} does not start with '/'")
+            if not props and header["action"] != "remove":
+                # A header alone would replace what the device is known by with nothing: the
+                # replay would decide what the daemon, which gets the properties, never would.
+                raise DumpError(
+                    f"{source}:{number}: a udev event without its properties; capture with "
+                    "`udevadm monitor --udev --property > FILE`"
+                )
             change = _udev_change(header["action"], devpath, header["subsystem"], props)
             out.append(TimedChange(float(header["ts"]), "udev", change, number))
             continue

@@ -232,6 +232,14 @@ def test_unreadable_captures_are_dump_errors(tmp_path: Path) -> None:
         read_events(tmp_path / "missing.txt")
     with pytest.raises(DumpError, match=":1: DEVPATH"):
         parse_events("UDEV  [1.0] add /x (net)\nDEVPATH=relative\n", "capture")
+    # Without --property a bind would erase the GPU's properties (and the gaming rule with them).
+    headers = "UDEV  [1.0] remove /devices/y (pci)\nUDEV  [2.0] bind /devices/x (pci)\n"
+    with pytest.raises(DumpError) as info:
+        parse_events(headers, "capture")
+    assert str(info.value) == (
+        "capture:2: a udev event without its properties; capture with "
+        "`udevadm monitor --udev --property > FILE`"
+    )
 
 
 # --- replaying --------------------------------------------------------------------------------
