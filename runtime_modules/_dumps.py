@@ -299,8 +299,8 @@ def _link(entry: Any, source: str, number: int) -> Link:
         ifname=name,
         kind=kind if isinstance(kind, str) else None,
         operstate=OperState.parse(operstate if isinstance(operstate, str) else None),
-        # LOWER_UP is the kernel's IFF_LOWER_UP: the driver reports carrier.
-        carrier="LOWER_UP" in flags if "UP" in flags or "LOWER_UP" in flags else None,
+        # LOWER_UP is the kernel's IFF_LOWER_UP (up, and the driver reports carrier), as live.
+        carrier="LOWER_UP" in flags,
         mac=address.lower() if isinstance(address, str) else None,
         addresses=addresses,
     )

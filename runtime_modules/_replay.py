@@ -262,7 +262,13 @@ def _ip_change(link: re.Match[str], details: list[str]) -> WorldChange:
             mac = address["mac"].lower() if address["mac"] else None
             if n + 1 < len(details):
                 word = details[n + 1].split()[0]
-                if word not in _NOT_KINDS and re.fullmatch(r"[a-z][a-z0-9_]*", word):
+                # "bridge_slave …" (iproute2's "%s_slave") is the link's place in a bridge or
+                # bond, not its kind: a physical NIC there has none, as netlink says.
+                if (
+                    word not in _NOT_KINDS
+                    and re.fullmatch(r"[a-z][a-z0-9_]*", word)
+                    and not word.endswith(("_slave", "_subport"))
+                ):
                     kind = word
             break
     return LinkUpsert(

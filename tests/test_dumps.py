@@ -248,11 +248,11 @@ def test_ip_link_json_of_a_real_namespace(netns: str, tmp_path: Path) -> None:
         OperState.UP,
         True,
     )
-    # lo of a new namespace is down: no carrier is known from the flags then.
+    # lo of a new namespace is down: no LOWER_UP, so no carrier (as the live source says).
     assert (links["lo"].kind, links["lo"].operstate, links["lo"].carrier) == (
         None,
         OperState.DOWN,
-        None,
+        False,
     )
 
 
@@ -279,10 +279,37 @@ def test_ip_addr_json_carries_the_usable_addresses(netns: str, tmp_path: Path) -
     assert links["lab0"].kind == "veth" and links["lab0"].operstate is OperState.UP
 
 
+def test_a_recording_reads_as_the_live_source_sees_the_same_links(
+    netns: str, tmp_path: Path
+) -> None:
+    from runtime_modules._netlink_source import enumerate_links
+
+    ip_netns(netns, "link", "add", "br0", "type", "bridge")
+    ip_netns(netns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    ip_netns(netns, "link", "add", "vc", "type", "veth", "peer", "name", "vd")
+    ip_netns(netns, "link", "set", "va", "master", "br0", "up")
+    ip_netns(netns, "link", "set", "vb", "up")
+    ip_netns(netns, "link", "set", "br0", "up")
+    ip_netns(netns, "link", "set", "vc", "up")  # its peer down: up, no carrier
+    out = tmp_path / "links.json"
+    with out.open("w") as f:
+        subprocess.run(["ip", "-n", netns, "-j", "-d", "link"], stdout=f, check=True)
+    recorded = {link.ifname: link for link in read_ip_link_json(out)}
+    live = {link.ifname: link for link in enumerate_links(netns)}  # lo and vd stay down
+    assert recorded == live
+    assert {n: (link.carrier, link.kind) for n, link in live.items() if n != "br0"} == {
+        "lo": (False, None),
+        "va": (True, "veth"),
+        "vb": (True, "veth"),
+        "vc": (False, "veth"),
+        "vd": (False, "veth"),
+    }
+
+
 def test_ip_link_down_and_errors() -> None:
     down = {"ifindex": 4, "ifname": "eth0", "flags": ["BROADCAST"], "operstate": "DOWN"}
     (link,) = parse_ip_link_json(json.dumps([down]), "l.json")
-    assert (link.operstate, link.carrier, link.kind) == (OperState.DOWN, None, None)
+    assert (link.operstate, link.carrier, link.kind) == (OperState.DOWN, False, None)
     for text, what in [
         ("[\n{", "l.json:2: not valid JSON"),
         ('{"ifindex": 1}', "must be a JSON list"),

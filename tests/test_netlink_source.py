@@ -151,7 +151,7 @@ def test_our_decoder_agrees_with_pyroute2(netns: str) -> None:
                 ifname=msg.get_attr("IFLA_IFNAME"),
                 kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
                 operstate=OperState.parse(msg.get_attr("IFLA_OPERSTATE")),
-                carrier=bool(msg.get_attr("IFLA_CARRIER")),
+                carrier=bool(msg["flags"] & 0x10000),  # IFF_LOWER_UP
                 mac=msg.get_attr("IFLA_ADDRESS"),
             )
             for msg in ipr.get_links()

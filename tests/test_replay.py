@@ -215,6 +215,20 @@ def test_ip_monitor_all_is_read_for_its_links_and_addresses() -> None:
     ]
 
 
+def test_a_bridge_port_line_is_not_a_kind() -> None:
+    # `ip -d monitor link` of a physical NIC in a bridge: its detail line after link/ether says
+    # where it is ("bridge_slave"), not what it is; it has no kind, as netlink says.
+    text = (
+        "[2026-11-22T05:03:23.593225] 2: enp3s0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 "
+        "master br0 state UP group default\n"
+        "    link/ether 02:00:00:00:00:01 brd ff:ff:ff:ff:ff:ff promiscuity 1 minmtu 68\n"
+        "    bridge_slave state forwarding priority 32 cost 4 hairpin off guard off\n"
+    )
+    (event,) = parse_events(text, "capture")
+    assert isinstance(event.change, LinkUpsert)
+    assert (event.change.link.kind, event.change.link.carrier) == (None, True)
+
+
 def test_ip_dash_t_timestamps_and_dash_d_kinds() -> None:
     t = parse_events(IP_T, "capture")
     assert t[1].time - t[0].time == pytest.approx(1.5)
