@@ -13,8 +13,10 @@ A pre-apply hook that exits non-zero, times out or cannot be started *vetoes* th
 ``block``): the remaining pre-apply hooks do not run and nothing is rebuilt. Post-apply hooks
 cannot veto; their failures are logged and the others still run.
 
-Files whose names start with "." or end with "~" (editor backups) are skipped; a file that is not
-executable is skipped with a warning, since it is most likely a forgotten ``chmod +x``.
+Files whose names start with "." or end with "~" (editor backups) are skipped. Any other entry that
+cannot run is skipped with a warning in the journal: a file that is not executable (most likely a
+forgotten ``chmod +x``), a folder (on NixOS: a package given where its executable was meant), a
+link to nothing, anything that is not a regular file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -55,6 +58,7 @@ class HookResult:
     duration: float
     output: str  # the tail of stdout and stderr together
     error: str | None = None  # why it could not start
+    timeout: float = 0.0  # the time it was given, in seconds
 
     @property
     def ok(self) -> bool:
@@ -67,8 +71,13 @@ class HookResult:
             returncode=self.returncode,
             timed_out=self.timed_out,
             error=self.error,
-            timeout=round(self.duration),
+            timeout=self.timeout,
         )
+        if self.timed_out:
+            what += (
+                " (the hook timeout: RUNTIME_MODULES_HOOK_TIMEOUT, on NixOS "
+                "services.runtimeModules.hooks.timeout)"
+            )
         last = next((ln.strip() for ln in reversed(self.output.splitlines()) if ln.strip()), "")
         return what + (f": {last[:200]}" if last else "")
 
@@ -93,19 +102,40 @@ def find_hooks(hooks_dir: Path, phase: HookPhase, journal: Journal | None = None
     for path in entries:
         if path.name.startswith(".") or path.name.endswith("~"):
             continue
-        if not path.is_file():  # follows symlinks: NixOS links hooks into the store
-            continue
-        if not os.access(path, os.X_OK):
-            if journal is not None:
-                journal.send(
-                    JournalEvent.HOOK_FAILED,
-                    f"{path}: not executable, skipped; `chmod +x` it to run it as a hook",
-                    hook=path.name,
-                    phase=phase.value,
-                )
+        problem = _not_runnable(path)
+        if problem is not None:
+            if journal is not None and problem:
+                journal.send(JournalEvent.HOOK_FAILED, problem, hook=path.name, phase=phase.value)
             continue
         found.append(path)
     return found
+
+
+def _not_runnable(path: Path) -> str | None:
+    """Why ``path`` cannot run as a hook (a warning), "" to skip it quietly, None when it can."""
+    try:
+        st = path.stat()  # follows symlinks: NixOS links hooks into the store
+    except FileNotFoundError:
+        if not path.is_symlink():
+            return ""  # removed since the folder was listed
+        return (
+            f"{path}: a link to {os.path.realpath(path)}, which does not exist, skipped; point "
+            "it at the hook's executable or remove it (on NixOS: a package whose main program "
+            'is not bin/<its name>: give the hook as "${pkg}/bin/<program>")'
+        )
+    except OSError as exc:  # ELOOP, EACCES on a folder on the way
+        return f"{path}: cannot be read ({exc.strerror}), skipped; fix or remove it"
+    if stat.S_ISDIR(st.st_mode):
+        return (
+            f"{path}: a folder, not an executable, skipped; put the hook's executable (or a "
+            'link to it) there instead (on NixOS: give the hook as "${pkg}/bin/<program>", '
+            "not the package's folder)"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}: not a regular file, skipped; a hook is an executable file: remove it"
+    if not os.access(path, os.X_OK):
+        return f"{path}: not executable, skipped; `chmod +x` it to run it as a hook"
+    return None
 
 
 def run_hook(
@@ -130,7 +160,14 @@ def run_hook(
             )
         except OSError as exc:
             return HookResult(
-                path.name, path, None, False, time.monotonic() - start, "", exc.strerror or str(exc)
+                path.name,
+                path,
+                None,
+                False,
+                time.monotonic() - start,
+                "",
+                exc.strerror or str(exc),
+                timeout,
             )
         timed_out = False
         try:
@@ -145,7 +182,7 @@ def run_hook(
         size = out.seek(0, os.SEEK_END)
         out.seek(max(0, size - OUTPUT_TAIL_BYTES))
         output = out.read().decode("utf-8", "replace")
-    return HookResult(path.name, path, returncode, timed_out, duration, output)
+    return HookResult(path.name, path, returncode, timed_out, duration, output, None, timeout)
 
 
 def hook_environment(phase: HookPhase, env: Mapping[str, str]) -> dict[str, str]:
