@@ -7,7 +7,7 @@ from pathlib import Path
 
 from runtime_modules._dumps import read_ip_link_json
 from runtime_modules._evaluate import evaluate
-from runtime_modules._rules import RuleSet, load_rules
+from runtime_modules._rules import RuleSet, load_rules, parse_rules
 from runtime_modules._world import Device, DeviceRemoved, DeviceUpsert, World
 from tests.fixtures.system import ip_netns
 from tests.fixtures.world import EXAMPLE_RULES
@@ -123,6 +123,30 @@ def test_usb_nic_without_a_hub_is_not_a_dock(
     ):  # fmt: skip
         world.apply(DeviceUpsert(device))
     assert wanted(example_rules, world) == set()
+
+
+def test_an_internal_hub_looks_like_a_dock_until_the_dock_hub_is_named(
+    recordings: dict[str, World], example_rules: RuleSet
+) -> None:
+    # The HP 400 G2 puts its ports behind Intel rate-matching hubs (8087:8008) on the board.
+    world = recordings["hp400g2"].copy()
+    nic = Device(
+        devpath="/devices/pci0000:00/0000:00:1a.0/usb1/1-1/1-1.2/1-1.2:1.0/net/enx2",
+        subsystem="net",
+        properties={"ID_BUS": "usb"},
+    )
+    world.apply(DeviceUpsert(nic))
+    assert "virtualization" in wanted(example_rules, world)  # as rules/virtualization.toml says
+    # Its advice: name the dock's hub (the HP 835 G10's dock: 214b:7250) in the parent table.
+    text = (EXAMPLE_RULES / "virtualization.toml").read_text()
+    named = parse_rules(
+        text.replace(
+            'properties = { TYPE = "9/*" }', 'properties = { TYPE = "9/*", ID_VENDOR_ID = "214b" }'
+        ),
+        "virtualization.toml",
+    )
+    assert wanted(named, world) == set()
+    assert wanted(named, recordings["hp835g10"]) == {"virtualization"}
 
 
 def test_gpus_without_a_driver_and_amd_discrete_gpus(
