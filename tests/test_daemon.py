@@ -708,17 +708,6 @@ def test_a_reload_feeds_the_pins_against_the_new_registry(
     assert done and all(d.ok for d in done), done  # never "unknown module 'podman'"
 
 
-_LOOPBACK_RULE = """
-[[rule]]
-name = "loopback"
-modules = ["podman"]
-settle = "0.1s"
-[rule.when.device]
-subsystem = "net"
-sysname = "lo"
-"""
-
-
 def test_apply_ids_go_on_across_restarts(make_daemon: Any, fake_system: FakeSystem) -> None:
     from runtime_modules._overrides import OverrideSource, OverrideState, OverrideStore
 
