@@ -194,8 +194,9 @@ let
       description = ''
         Hooks run ${when} each apply, in name order, as
         {file}`/etc/runtime-modules/hooks/${phase}.d/<name>`: script text (run by bash) or a path
-        to an executable (a path, a package, or a string that is one absolute path without
-        whitespace; a command line with arguments is script text). They get `RUNTIME_MODULES_BEFORE`, `RUNTIME_MODULES_AFTER`,
+        to an executable (a path; a package, whose `meta.mainProgram` is linked, as `lib.getExe`
+        finds it; or a string that is one absolute path without whitespace: a command line with
+        arguments is script text). They get `RUNTIME_MODULES_BEFORE`, `RUNTIME_MODULES_AFTER`,
         `RUNTIME_MODULES_REASON` (and `RUNTIME_MODULES_RESULT` after an apply) in the environment
         and the whole apply as JSON on stdin; see hooks/README.md.${optionalString (phase == "pre-apply") " A hook that exits non-zero vetoes the apply."}
       '';
@@ -386,9 +387,16 @@ let
     else
       rulesDir;
 
+  # A package is a folder: its executable is the hook (lib.getExe: meta.mainProgram, else
+  # bin/<name> with nixpkgs' warning). A script from writeScript/writeShellScript is itself a file
+  # (executable, and no mainProgram since it has no bin/).
+  hookExe = drv: if !(drv ? meta.mainProgram) && (drv.executable or false) == true then drv else getExe drv;
+
   hookFile =
     phase: name: value:
-    if isHookPath value then
+    if lib.isDerivation value then
+      hookExe value
+    else if isHookPath value then
       value
     else
       pkgs.writeShellScript "runtime-modules-${phase}-${lib.strings.sanitizeDerivationName name}" value;

@@ -485,6 +485,29 @@ def test_a_one_line_command_starting_with_a_slash_is_script_text(nix_eval: NixEv
     assert re.fullmatch(r"/nix/store/[0-9a-z]{32}-lab\.nix", sources[post + "90-path"])
 
 
+def test_a_package_hook_is_its_executable_not_its_folder(nix_eval: NixEval) -> None:
+    """A package is linked as its main program (lib.getExe); a single-file script as itself."""
+    hooks = """{ services.runtimeModules.hooks.postApply = {
+        "10-pkg" = pkgs.coreutils;
+        "20-script" = pkgs.writeShellScript "notify" "true";
+        "30-no-main" = { type = "derivation"; name = "tool-1.0"; pname = "tool";
+                         outPath = "/nix/store/00000000000000000000000000000000-tool-1.0"; };
+      }; }"""
+    proc = nix_eval.run("base", modules=with_sample("{ pkgs, ... }: " + hooks))
+    assert proc.returncode == 0, proc.stderr
+    sources = json.loads(proc.stdout)["hooks"]
+    post = "runtime-modules/hooks/post-apply.d/"
+    assert re.fullmatch(
+        r"/nix/store/[0-9a-f]{32}-coreutils/bin/coreutils", sources[post + "10-pkg"]
+    )
+    assert re.fullmatch(r"/nix/store/[0-9a-f]{32}-notify", sources[post + "20-script"])
+    # No meta.mainProgram: nixpkgs' guess, bin/<name>, and its warning saying what to set.
+    assert sources[post + "30-no-main"] == (
+        "/nix/store/00000000000000000000000000000000-tool-1.0/bin/tool"
+    )
+    assert "does not have the meta.mainProgram attribute" in proc.stderr
+
+
 def test_tmpfiles_group_and_package(sample: dict[str, Any]) -> None:
     assert sample["tmpfiles"] == [
         "d /run/runtime-modules 0755 root root - -",
