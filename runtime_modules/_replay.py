@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import math
 import re
 import sys
@@ -475,6 +476,24 @@ def run_events(
     decisions = replay(list(args.events), rules, world, applied=applied, apply_time=apply_time)
     enabled = sum(r.enabled for r in rules.rules)
     start = steady_applied(rules, world) if applied is None else applied
+    starts = sum(isinstance(d.action, StartApply) for d in decisions)
+    if getattr(args, "json", False):
+        data = {
+            "events": [str(p) for p in args.events],
+            "rules": enabled,
+            "start": {
+                "devices": len(world.devices),
+                "links": len(world.links),
+                "applied": sorted(start),
+            },
+            "decisions": [
+                {"time": round(d.time, 6), "text": d.text, **d.action.to_json()} for d in decisions
+            ],
+            "applies": starts,
+        }
+        json.dump(data, out, indent=2)
+        out.write("\n")
+        return 0
     out.write(
         f"replaying {', '.join(map(str, args.events))}: {enabled} rules, "
         f"{len(world.devices)} devices and {len(world.links)} links at the start; "
@@ -482,7 +501,6 @@ def run_events(
     )
     for decision in decisions:
         out.write(f"{decision}\n")
-    starts = sum(isinstance(d.action, StartApply) for d in decisions)
     out.write(f"{starts} {'apply' if starts == 1 else 'applies'} would run\n")
     return 0
 

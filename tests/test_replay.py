@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import subprocess
 import time
 import uuid
@@ -345,6 +346,21 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.root
+def test_run_events_as_json(tmp_path: Path) -> None:
+    capture = tmp_path / "links.txt"
+    capture.write_text(IP_TS)
+    args = argparse.Namespace(events=[capture], from_base=True, apply_time=0.0, json=True)
+    out = io.StringIO()
+    assert run_events(args, _rules(LINK_RULES), World(), out=out) == 0
+    data = json.loads(out.getvalue())  # JSON only: nothing else on stdout
+    assert data["start"] == {"devices": 0, "links": 0, "applied": []}
+    assert data["applies"] == 2
+    first = data["decisions"][0]
+    assert first["action"] == "RuleSettling" and first["rule"] == "va-up"
+    assert first["time"] == pytest.approx(0.003716, abs=1e-5) and "va-up" in first["text"]
+    assert [d["action"] for d in data["decisions"]].count("StartApply") == 2
+
+
 def test_replay_of_a_live_ip_monitor_capture(netns: str, tmp_path: Path) -> None:
     capture = tmp_path / "ip.txt"
     monitor = _capture(["ip", "-n", netns, "-ts", "-d", "monitor", "link"], capture)
