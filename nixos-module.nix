@@ -490,12 +490,20 @@ let
       RestartSec = "5s";
       # Pinged every WatchdogSec/2 from the event loop, which an apply never blocks.
       WatchdogSec = "60s";
-      # On SIGTERM the daemon lets an apply finish for 30 s, then stops nixos-rebuild and switches
-      # back (result "cancelled"); that switch waits up to DefaultTimeoutStopSec (90 s) per unit
+      # Before READY=1 the daemon finishes an apply a killed daemon left half-done: it may wait
+      # for the apply lock (held by a `runtime-modules enable` run by hand: up to applyTimeout
+      # plus its activation), then run a rollback activation. systemd's 90 s default would fail
+      # the start, and kill that rollback, in the middle of it. applyTimeout + 15 min (45 min).
+      TimeoutStartSec = "${toString ((cfg.applyTimeout + 59) / 60 + 15)}min";
+      # On SIGTERM the daemon lets an apply finish for 30 s, then cancels it: a build still
+      # running is killed and the running system left untouched (result "cancelled"); an
+      # activation already running is never killed, it is waited for (and rolled back if it
+      # fails). Each switch-to-configuration waits up to DefaultTimeoutStopSec (90 s) per unit
       # it stops.
       TimeoutStopSec = "10min";
-      # SIGTERM to the daemon alone, so it can stop nixos-rebuild in order and run the rollback
-      # (which systemd would otherwise kill too); SIGKILL to all after TimeoutStopSec.
+      # SIGTERM to the daemon alone, so it can kill the build itself and wait for an activation
+      # or rollback in flight (which systemd would otherwise kill too); SIGKILL to all after
+      # TimeoutStopSec.
       KillMode = "mixed";
 
       # State, lock, control socket and generated flake; kept when the daemon stops, because the

@@ -113,6 +113,8 @@ def test_unit_shape() -> None:
     assert service["KillMode"] == ["mixed"]
     assert service["WatchdogSec"] == ["60s"]
     assert service["TimeoutStopSec"] == ["10min"]
+    # A start may first finish an interrupted apply: the apply timeout (1800 s) plus 15 min.
+    assert service["TimeoutStartSec"] == ["45min"]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     env = dict(v.split("=", 1) for v in service["Environment"])
     assert env["RUNTIME_MODULES_STATE_DIR"] == "/run/runtime-modules"
@@ -163,6 +165,25 @@ def nixos_service(nixpkgs_lib: Path) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     service: dict[str, Any] = json.loads(proc.stdout)
     return service
+
+
+@pytest.mark.parametrize(("apply_timeout", "start_timeout"), [(3600, "75min"), (100, "17min")])
+def test_nixos_start_timeout_follows_the_apply_timeout(
+    nixpkgs_lib: Path, apply_timeout: int, start_timeout: str
+) -> None:
+    """Recovery before READY=1 may wait out an apply run by hand: the start allows for it."""
+    exe = shutil.which("nix-instantiate")
+    if exe is None:
+        pytest.skip("nix-instantiate is not installed (Debian package nix-bin)")
+    modules = DEFAULTS.replace(
+        "watch.enable = true;", f"watch.enable = true; applyTimeout = {apply_timeout};"
+    )
+    argv = [exe, "--eval", "--strict", "--json", str(REPO / "tests" / "nix" / "eval.nix")]
+    argv += ["--arg", "lib", f"import {nixpkgs_lib}", "--arg", "modules", modules]
+    argv += ["-A", "base.service.serviceConfig.TimeoutStartSec"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == start_timeout
 
 
 def _nix_values(value: object) -> list[str]:
