@@ -67,6 +67,8 @@ ATTRIBUTE_NAME = re.compile(r"^[A-Za-z0-9_:.+-]+(/[A-Za-z0-9_:.+-]+)*$")
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)", re.ASCII)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Suffixes of files in a rules folder that were surely meant as rule files, but are not read.
+_NEAR_SUFFIXES = frozenset({".toml", ".json", ".tml", ".yml", ".yaml"})
 _DURATION_HELP = 'write e.g. "500ms", "3s", "2m", "1m30s" or a number of seconds'
 
 
@@ -361,6 +363,11 @@ def _seconds_of(value: object) -> float:
             seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
             pos = m.end()
         if not text or pos == 0 or text[pos:].strip():
+            if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+                raise ValueError(
+                    f"{value!r} is a number in quotes, which has no unit; write {text} (seconds) "
+                    f'without quotes, or "{text}s"'
+                )
             raise ValueError(f"{value!r} is not a duration; {_DURATION_HELP}")
         return seconds
     raise ValueError(f"expected a duration, not {type_name(value)}; {_DURATION_HELP}")
@@ -581,11 +588,19 @@ def rule_files(paths: Sequence[Path]) -> tuple[list[Path], list[RuleProblem]]:
             except OSError as exc:
                 problems.append(RuleProblem(str(path), None, None, f"cannot list: {exc.strerror}"))
                 continue
-            files.extend(
-                p
-                for p in entries
-                if p.suffix in (".toml", ".json") and not p.name.startswith(".") and p.is_file()
-            )
+            for p in entries:
+                if p.name.startswith(".") or not p.is_file():
+                    continue
+                if p.suffix in (".toml", ".json"):
+                    files.append(p)
+                elif (suffix := p.suffix.lower()) in _NEAR_SUFFIXES:
+                    # Meant as a rule file, surely, but never read: say so, or its rules are
+                    # missing without a word ("rules OK: 0 rules").
+                    hint = f"rename it to {p.stem}{'.json' if suffix == '.json' else '.toml'}"
+                    if suffix in (".yml", ".yaml"):
+                        hint += " (YAML is not read: write TOML)"
+                    message = "not read: rule files end in .toml or .json"
+                    problems.append(RuleProblem(str(p), None, None, message, hint))
         elif path.exists():
             files.append(path)
         else:

@@ -175,12 +175,20 @@ def test_durations(text: str | float, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
+def test_a_quoted_number_is_told_to_lose_its_quotes() -> None:
+    p = one(rule('[rule.when.link]\nifname = "x"', extra='settle = "3"'))
+    assert (p.field, p.message) == (
+        "settle",
+        "'3' is a number in quotes, which has no unit; write 3 (seconds) without quotes, or \"3s\"",
+    )
+
+
 @pytest.mark.parametrize(
     "bad",
     ["3", "3 sec", "-1s", "s", "", "1s2", "8d", True, None, [1], float("nan"), -1, 1e300, 10**400],
 )
 def test_bad_durations(bad: object) -> None:
-    with pytest.raises(ValueError, match=r"duration|week"):
+    with pytest.raises(ValueError, match=r"duration|week|no unit"):
         parse_duration(bad)
 
 
@@ -422,11 +430,30 @@ def test_folder_order_and_suffixes(tmp_path: Path) -> None:
         json.dumps({"rule": [{"name": "a", "modules": ["m"], "when": {"link": {"ifname": "y"}}}]})
     )
     (tmp_path / "c.toml.bak").write_text("garbage")
+    (tmp_path / "README.md").write_text("about these rules")  # not meant as rules: ignored
     rules = load_rules([tmp_path])
     assert [r.name for r in rules.rules] == ["a", "b"]
     assert rules.sources == (str(tmp_path / "a.json"), str(tmp_path / "b.toml"))
     assert load_rules([tmp_path / "b.toml"]).rules[0].name == "b"
     assert load_rules([]).rules == ()
+
+
+def test_a_rule_file_with_another_suffix_is_said_not_read(tmp_path: Path) -> None:
+    (tmp_path / "lab.TOML").write_text(rule('[rule.when.link]\nifname = "x"'))
+    (tmp_path / "gaming.yml").write_text("rule: []")
+    found = problems_of_paths([tmp_path])
+    assert [(p.file, p.message, p.hint) for p in found] == [
+        (str(tmp_path / "gaming.yml"), "not read: rule files end in .toml or .json",
+         "rename it to gaming.toml (YAML is not read: write TOML)"),
+        (str(tmp_path / "lab.TOML"), "not read: rule files end in .toml or .json",
+         "rename it to lab.toml"),
+    ]  # fmt: skip
+
+
+def problems_of_paths(paths: list[Path]) -> list[RuleProblem]:
+    with pytest.raises(RuleError) as info:
+        load_rules(paths)
+    return info.value.problems
 
 
 def test_huge_and_deep_files(tmp_path: Path) -> None:
