@@ -192,7 +192,7 @@ let
         }
       '';
       description = ''
-        Hooks run ${when} each apply, in name order, as
+        Hooks run ${when}, in name order, as
         {file}`/etc/runtime-modules/hooks/${phase}.d/<name>`: script text (run by bash) or a path
         to an executable (a path; a package, whose `meta.mainProgram` is linked, as `lib.getExe`
         finds it; or a string that is one absolute path without whitespace: a command line with
@@ -844,8 +844,8 @@ in
     };
 
     hooks = {
-      preApply = hooksOption "pre-apply" "before";
-      postApply = hooksOption "post-apply" "after";
+      preApply = hooksOption "pre-apply" "before each apply";
+      postApply = hooksOption "post-apply" "after each apply that built a system (whatever its result; not after a veto, a dry run or nothing to do)";
       timeout = mkOption {
         type = types.ints.positive;
         default = 30;

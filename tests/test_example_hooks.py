@@ -210,16 +210,25 @@ def test_notify_users_says_a_failed_switch_was_rolled_back(tmp_path: Path, deskt
     run(tmp_path / "hooks", HookPhase.POST_APPLY, [], ["lab"], RESULT="timed-out", **env)
     [note] = notifications(record)
     assert note[2:4] == ["--urgency=critical", "Runtime modules: switch failed (timed-out)"]
-    assert note[4].startswith("The previous system is back")
+    assert note[4].startswith("The system is the previous one (never switched, or switched back)")
 
 
-def test_notify_users_is_quiet_when_nothing_changed(tmp_path: Path, desktop: Path) -> None:
+@pytest.mark.parametrize(
+    ("before", "after", "result"),
+    [
+        (["lab"], ["lab"], "succeeded"),  # `runtime-modules rebuild`: the same modules
+        ([], ["lab"], "vetoed"),  # results no post-apply hook is given: nothing to tell
+        ([], ["lab"], "unchanged"),
+    ],
+    ids=["same-modules", "vetoed", "unchanged"],
+)
+def test_notify_users_is_quiet_when_nothing_changed(
+    tmp_path: Path, desktop: Path, before: list[str], after: list[str], result: str
+) -> None:
     env, record = fake_desktop(desktop)
     install(tmp_path / "hooks", HookPhase.POST_APPLY, "50-notify-users", "notify-users")
-    [result] = run(
-        tmp_path / "hooks", HookPhase.POST_APPLY, ["lab"], ["lab"], RESULT="unchanged", **env
-    )
-    assert result.ok
+    [hook] = run(tmp_path / "hooks", HookPhase.POST_APPLY, before, after, RESULT=result, **env)
+    assert hook.ok
     assert notifications(record) == []
 
 
