@@ -19,7 +19,9 @@ reconciler coalesces: an apply that starts at once carries it; while another run
 goes into the follow-up, and the caller is answered when *that* apply ends; when the apply in
 flight already goes where the change wants, its end answers. A change that needs no apply is
 answered at once (``done``, result ``unchanged``). Meanwhile the caller gets ``progress``: the
-rebuild's output lines, and a heartbeat every few seconds with the elapsed time.
+output lines of the apply that carries its change, and, whenever it got nothing else for a few
+seconds, a heartbeat with the running apply's id and elapsed time (a caller queued behind
+another apply gets those too, so that it never waits in silence).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class _Waiter:
     reply: Reply
     apply_id: int | None = None  # the apply that carries the change, once known
     accepted: bool = False  # the `accepted` answer went out
+    sent: float = field(default_factory=time.monotonic)  # when it was sent something last
 
 
 @dataclass
@@ -106,7 +109,6 @@ class _Running:
     started: float  # time.monotonic()
     text: str  # what it does, in one line ("apply #3 starts: {gaming} (+gaming)")
     lines: list[str] = field(default_factory=list)  # output not yet sent
-    sent: float = 0.0  # when progress went out last (time.monotonic())
 
     def elapsed(self, now: float) -> float:
         return round(now - self.started, 3)
@@ -397,6 +399,7 @@ class ControlHandler:
                         waiter.apply_id = apply_id
                         if waiter.accepted:  # it was queued: now its apply is known
                             waiter.reply.send(Accepted(apply_id=str(apply_id), message=text))
+                            waiter.sent = time.monotonic()
             case ActionTaken(action=OverrideExpired(module=module)):
                 self._expired(module)
             case ActionTaken(action=ApplyCancelled() | ApplyGivenUp()):
@@ -422,9 +425,13 @@ class ControlHandler:
         if self._ended or self._settle or (self._running is not None and self._running.lines):
             return 0.0  # now: at the end of this round of the loop
         running = self._running
-        if running is not None and any(w.apply_id == running.apply_id for w in self._waiters):
-            return max(running.started, running.sent) + self.heartbeat
+        if running is not None and self._waiters:
+            return min(self._beat_due(running, w) for w in self._waiters)
         return None
+
+    def _beat_due(self, running: _Running, waiter: _Waiter) -> float:
+        """When ``waiter`` is due a heartbeat: ``heartbeat`` s after it was sent anything."""
+        return max(running.started, waiter.sent) + self.heartbeat
 
     def _housekeeping(self, now: float) -> None:
         """Progress and heartbeats; ended applies and waiters left without an apply answered.
@@ -434,11 +441,15 @@ class ControlHandler:
         """
         self._check_clock()
         running = self._running
-        if running is not None and (
-            running.lines or now - max(running.started, running.sent) >= self.heartbeat
-        ):
-            waiting = [w for w in self._waiters if w.apply_id == running.apply_id]
-            self._progress(running, waiting, now)
+        if running is not None:
+            if running.lines:
+                carried = [w for w in self._waiters if w.apply_id == running.apply_id]
+                self._progress(running, carried, now)
+            # Every caller still waiting hears of the running apply at least every `heartbeat`
+            # s: those it carries while it is silent, and those queued behind it.
+            beat = [w for w in self._waiters if w.reply.open and self._beat_due(running, w) <= now]
+            if beat:
+                self._progress(running, beat, now)
         snap = self.daemon.snapshot() if self._ended or self._settle else None
         for waiters, done in self._ended:
             answer = _done(done, snap)
@@ -455,15 +466,15 @@ class ControlHandler:
         self._waiters = [w for w in self._waiters if w.reply.open]
 
     def _progress(self, running: _Running, waiters: list[_Waiter], now: float) -> None:
-        """Send the output gathered so far (or a heartbeat) to ``waiters``."""
+        """Send the output gathered so far (or a heartbeat, when none) to ``waiters``."""
         for batch in _batches(running.lines):
             progress = Progress(
                 apply_id=str(running.apply_id), lines=batch, elapsed=running.elapsed(now)
             )
             for waiter in waiters:
                 waiter.reply.send(progress)
+                waiter.sent = now
         running.lines = []
-        running.sent = now
 
     # --- pins that end -----------------------------------------------------------------------
 

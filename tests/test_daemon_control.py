@@ -337,6 +337,35 @@ def test_a_silent_apply_still_shows_the_elapsed_time(
     assert proc.returncode == ExitCode.OK, "".join(seen) + err
 
 
+def test_a_change_queued_behind_another_apply_shows_the_elapsed_time_too(
+    start_daemon: Callable[..., DaemonThread],
+    fake_system: FakeSystem,
+    cli_env: dict[str, str],
+) -> None:
+    run = start_daemon()
+    run.call(lambda: setattr(run.daemon.control, "heartbeat", 0.2))  # 5 s in production
+    fake_system.hold()  # apply #1 is silent until released
+    first = cli_process(cli_env, "enable", "gaming")
+    assert eventually(lambda: run.call(lambda: run.daemon.applying) == 1)
+    queued = cli_process(cli_env, "enable", "podman")  # waits for the follow-up, #2
+    assert queued.stderr is not None
+    seen = [queued.stderr.readline()]
+    assert seen[0] == "apply #1 is under way; {gaming, podman} is applied right after it\n"
+    while len(seen) < 4:  # the held build gives up after 60 s: this ends
+        line = queued.stderr.readline()
+        assert line, seen
+        seen.append(line)
+    # Nothing but the elapsed time of the apply it waits behind, while that one is silent.
+    assert all(re.fullmatch(r"\[ +\d+s\] still applying\n", ln) for ln in seen[1:]), seen
+    fake_system.release()
+    out, err = queued.communicate(timeout=60)
+    assert queued.returncode == ExitCode.OK, "".join(seen) + err
+    assert out.startswith("enabled podman")
+    assert "apply #2 starts: {gaming, podman} (+podman)\n" in err
+    first.communicate(timeout=60)
+    assert first.returncode == ExitCode.OK
+
+
 def test_a_daemon_that_stops_tells_who_still_waits(
     start_daemon: Callable[..., DaemonThread],
     fake_system: FakeSystem,
