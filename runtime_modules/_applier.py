@@ -329,13 +329,9 @@ class Applier:
 
         log = OutputLog(log_path)
         self._prune_logs(keep=log_path)
-        try:
-            self._write_flake(goal)
-        except (OSError, ConfigError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        if (problem := self._write_flake(goal)) is not None:
             message = (
-                f"could not {_phrase(before, goal, past=False)}: cannot write the generated flake "
-                f"in {self.settings.flake_dir}: {why}; nothing was rebuilt"
+                f"could not {_phrase(before, goal, past=False)}: {problem}; nothing was rebuilt"
             )
             end = _End(ApplyResult.FAILED, before, system_before, system_before, message, log)
             return self._finish(ctx, state, goal, end, hooks, event=JournalEvent.APPLY_FAILED)
@@ -709,14 +705,20 @@ class Applier:
             target=applied,
         )
 
-    def _write_flake(self, goal: frozenset[str]) -> None:
-        write_flake(
-            self.settings.flake_dir,
-            base_url=self.registry.flake,
-            host=self.registry.host,
-            modules=goal,
-            registry=self.settings.registry,
-        )
+    def _write_flake(self, goal: frozenset[str]) -> str | None:
+        """Write the generated flake for ``goal``; None, or why it could not be written."""
+        try:
+            write_flake(
+                self.settings.flake_dir,
+                base_url=self.registry.flake,
+                host=self.registry.host,
+                modules=goal,
+                registry=self.settings.registry,
+            )
+        except (OSError, ConfigError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            return f"cannot write the generated flake in {self.settings.flake_dir}: {why}"
+        return None
 
     def _dry_run(self, ctx: _Context, state: State, goal: frozenset[str]) -> ApplyOutcome:
         """Everything but nixos-rebuild and hooks (they act on the real system).
@@ -726,15 +728,9 @@ class Applier:
         """
         before = state.applied
         system = current_system(self.settings)
-        try:
-            self._write_flake(goal)
-        except (OSError, ConfigError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        if (problem := self._write_flake(goal)) is not None:
             result, after, event = ApplyResult.FAILED, before, JournalEvent.APPLY_FAILED
-            message = (
-                f"dry run: could not {_phrase(before, goal, past=False)}: cannot write the "
-                f"generated flake in {self.settings.flake_dir}: {why}"
-            )
+            message = f"dry run: could not {_phrase(before, goal, past=False)}: {problem}"
         else:
             result, after, event = ApplyResult.DRY_RUN, goal, JournalEvent.APPLY_SUCCEEDED
             message = (
