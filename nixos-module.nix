@@ -849,14 +849,23 @@ in
       timeout = mkOption {
         type = types.ints.positive;
         default = 30;
-        description = "Seconds a hook may run before it is killed (a pre-apply hook that times out vetoes).";
+        description = ''
+          Seconds a hook may run before it is killed (a pre-apply hook that times out vetoes).
+          The daemon's setting: a `runtime-modules enable` run while no daemon runs uses 30 s
+          unless `RUNTIME_MODULES_HOOK_TIMEOUT` is set; see docs/nixos.md.
+        '';
       };
     };
 
     applyTimeout = mkOption {
       type = types.ints.positive;
       default = 1800;
-      description = "Seconds an apply (`nixos-rebuild test`) may take before it is stopped and rolled back.";
+      description = ''
+        Seconds the build of an apply (`nixos-rebuild build`) may take before it is killed; the
+        running system is then left untouched. An activation is never cut short. The daemon's
+        setting: a `runtime-modules enable` run while no daemon runs uses 30 minutes (or
+        `--timeout`); see docs/nixos.md.
+      '';
     };
 
     controlGroup = mkOption {
