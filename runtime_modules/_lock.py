@@ -13,7 +13,6 @@ can start beside it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -25,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ._errors import LockBusyError, PermissionDeniedError, StateError
+from ._state import state_dir_problem
 
 # How often a waiting caller retries: short enough that a queued `enable` starts at once in human
 # terms, long enough to cost nothing. Polling (not a blocking flock) lets a cancel stop the wait.
@@ -92,13 +92,9 @@ class ApplyLock:
                 "run the command with sudo"
             ) from None
         except OSError as exc:
-            hint = (
-                "the state directory is on a read-only file system; make it writable"
-                if exc.errno == errno.EROFS
-                else "check the state directory"
-            )
             raise StateError(
-                f"{self.path}: cannot open the apply lock: {exc.strerror}; {hint}"
+                f"{self.path}: cannot open the apply lock: {exc.strerror}; "
+                f"{state_dir_problem(exc, self.path)}"
             ) from None
         with contextlib.suppress(OSError):
             os.fchmod(fd, 0o600)  # a lock file left readable by an older version

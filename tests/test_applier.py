@@ -432,7 +432,7 @@ def test_read_only_state_dir_stops_before_anything_runs(
     applier.apply(frozenset({"gaming"}), reason="first")
     before = fake_system.settings.state_file.read_bytes()
     tmpfs.remount("ro")
-    with pytest.raises(StateError, match="read-only file system; make it writable"):
+    with pytest.raises(StateError, match="read-only file system; remount it read-write"):
         applier.apply(frozenset({"podman"}), reason="second")
     assert fake_system.settings.state_file.read_bytes() == before
     assert len(fake_system.records("start")) == 1
