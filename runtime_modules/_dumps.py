@@ -350,12 +350,17 @@ def parse_ip_link_json(text: str, source: str) -> list[Link]:
 
 
 def records_addresses(path: Path) -> bool:
-    """Whether the ``ip -j`` output at ``path`` holds addresses (``ip -j addr``, not ``link``)."""
+    """Whether the ``ip -j`` output at ``path`` holds addresses (``ip -j addr``, not ``link``).
+
+    True for what is no list of links at all: reading it says what is wrong, not this.
+    """
     try:
         data = json.loads(path.read_text(errors="replace"))
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, list) and any(isinstance(e, dict) and "addr_info" in e for e in data)
+        return True
+    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
+        return True
+    return any("addr_info" in e for e in data)
 
 
 def read_ip_link_json(path: Path) -> list[Link]:

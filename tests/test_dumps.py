@@ -345,3 +345,19 @@ def test_world_from_files_merges_one_machine(
     assert len(world.devices) == len(recorded) + 1
     assert world.links[1].ifname == "lo"
     assert world_from_files().devices == {}
+
+
+def test_records_addresses_tells_link_from_addr_output(tmp_path: Path) -> None:
+    from runtime_modules._dumps import records_addresses
+
+    cases = {
+        "link": [{"ifindex": 1, "ifname": "lo"}],  # `ip -j link`: no addresses recorded
+        "addr": [{"ifindex": 1, "ifname": "lo", "addr_info": []}],  # `ip -j addr`, none there
+        "garbage": "not json",  # reading it says what is wrong: no second, misleading warning
+    }
+    found = {}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        found[name] = records_addresses(path)
+    assert found == {"link": False, "addr": True, "garbage": True}
