@@ -12,7 +12,10 @@ latency   the testbed and an in-process daemon in one thread: flip a GPU's PCI_I
           process deciding the same (what a udev RUN+= hook would do), to its exit.
 storm     the testbed in this process, the daemon in a child process (``daemon`` mode) on the
           fake machine; this process sends N uevents as fast as umockdev can while the child
-          reads; the child reports how fast it got through them and what it applied.
+          reads; the child reports how fast it got through them and what it applied. The GPU
+          starts as an Intel one (the rule does not hold, nothing is applied) and its PCI_ID
+          flips between Intel and NVIDIA every N/100 uevents, ending NVIDIA: only a daemon that
+          followed the storm to its end (or re-enumerated after an overrun) applies "gaming".
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
 NVIDIA, INTEL = "10DE:1DB2", "8086:1533"
+# How many blocks of uevents the storm sends, the GPU's PCI_ID alternating from one to the next.
+FLIPS = 100
 GPU_RULE = """
 [[rule]]
 name = "egpu"
@@ -112,7 +117,7 @@ def latency(args: dict[str, Any]) -> dict[str, Any]:
 def storm(args: dict[str, Any]) -> dict[str, Any]:
     tb = UMockdev.Testbed.new()
     os.environ["UMOCKDEV_DIR"] = tb.get_root_dir()
-    gpu = tb.add_device("pci", "gpu0", None, [], ["PCI_ID", NVIDIA, "PCI_CLASS", "30000"])
+    gpu = tb.add_device("pci", "gpu0", None, [], ["PCI_ID", INTEL, "PCI_CLASS", "30000"])
     tb.add_device("pci", "nic0", None, [], ["PCI_ID", INTEL])
     Path(args["rules"]).write_text(GPU_RULE.format(settle="0.2s", linger="1s"))
     child = subprocess.Popen(
@@ -125,9 +130,19 @@ def storm(args: dict[str, Any]) -> dict[str, Any]:
     if child.stdout.readline().strip() != "ready":
         raise RuntimeError("the daemon child did not start")
     n = int(args["events"])
-    retries = 0
+    block = max(1, n // FLIPS)
+    blocks = -(-n // block)
+    retries = flips = 0
+    value = INTEL
     t0 = time.monotonic()
-    for _ in range(n):
+    for i in range(n):
+        if i % block == 0:
+            # Blocks alternate so that the last one is NVIDIA: the storm ends with the rule true.
+            wanted = NVIDIA if (blocks - 1 - i // block) % 2 == 0 else INTEL
+            if wanted != value:
+                value = wanted
+                tb.set_property(gpu, "PCI_ID", value)
+                flips += 1
         while True:
             try:
                 tb.uevent(gpu, "change")
@@ -140,7 +155,7 @@ def storm(args: dict[str, Any]) -> dict[str, Any]:
     child.stdin.flush()
     result = json.loads(child.stdout.readline())
     child.wait(30)
-    result.update(inject_s=injected, inject_retries=retries, inject_start=t0)
+    result.update(inject_s=injected, inject_retries=retries, inject_start=t0, flips=flips)
     return result
 
 
