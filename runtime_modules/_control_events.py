@@ -1,10 +1,11 @@
 """The live stream of ``runtime-modules events``: the daemon's notices as event messages.
 
 Like ``udevadm monitor``, one line per thing that happened, as it happens: normalized device and
-link events (what the rules see, after udev ran its rules), rule transitions, pins set, cleared
-or expired, and applies (scheduled, started, each output line, ended). ``kind`` is one of
-``device``, ``link``, ``rule``, ``override``, ``apply``, ``daemon``; ``data`` carries the
-structured details, its times as wall-clock Unix time (docs/control.md, "events").
+link events (what the rules see, after udev ran its rules), rule transitions and applies
+(scheduled, started, each output line, ended). ``kind`` is one of ``device``, ``link``, ``rule``,
+``override``, ``apply``, ``daemon``; ``data`` carries the structured details, its times as
+wall-clock Unix time (docs/control.md, "events"). Pins set, cleared or ended are said by the
+control handler, which changes the override store.
 
 ``World`` is read *before* a batch is applied to it (``WorldChanged`` is sent before the world
 moves), so an upsert of something already known is a ``change`` and a removed link still has
@@ -60,6 +61,8 @@ def events_of(
                 yield EventMessage(
                     time=wall, kind=kind, text=text, data={"source": source, **facts}
                 )
+        case ActionTaken(action=OverrideExpired()):
+            pass  # said by the control handler, which removes the pin from the store
         case ActionTaken(action=action, text=text):
             kind, details = _action(action, to_wall)
             yield EventMessage(time=wall, kind=kind, text=text, data=details)
@@ -111,8 +114,6 @@ def _action(action: object, to_wall: Callable[[float], float]) -> tuple[str, dic
             return "rule", {"rule": rule, "phase": "lingering", "until": to_wall(until)}
         case RuleDeactivated(rule=rule):
             return "rule", {"rule": rule, "phase": "inactive"}
-        case OverrideExpired(module=module):
-            return "override", {"module": module, "change": "expired"}
         case ApplyScheduled(target=target, at=at):
             return "apply", {"step": "scheduled", "target": _set(target), "at": to_wall(at)}
         case ApplyCancelled(target=target):

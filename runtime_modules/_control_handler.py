@@ -143,6 +143,7 @@ class ControlHandler:
         self._running: _Running | None = None
         self._ended: list[tuple[list[_Waiter], ApplyDone]] = []  # answered after the reconciler
         self._settle = False  # waiters without an apply may have been left with nothing to wait
+        self._revealed: list[str] = []  # runtime pins over persistent ones that `_expired` ended
         self._offset = 0.0  # wall - daemon clock when the pins were converted
         self._clock_watch: WallClockWatch | None = None
 
@@ -479,18 +480,36 @@ class ControlHandler:
     # --- pins that end -----------------------------------------------------------------------
 
     def _expired(self, module: str) -> None:
-        """The reconciler let ``module``'s pin go at its time: remove it from the store too."""
-        pin = self.view.pins.get(module)
+        """The reconciler let ``module``'s pin go at its time: remove it from the store too.
+
+        The decision log journaled it; the events stream hears of it here.
+        """
+        before = self.view
+        pin = before.pins.get(module)
         expired = self._expire_stored(pin.until if pin is not None else None)
-        if expired is None:
-            return
-        _, self.view = expired
+        if expired is not None:
+            gone, self.view = expired
+            # A runtime pin over a persistent one that ended by now left the store with it: the
+            # new view no longer shows it, so the reveal timer is made due to feed (and say) it.
+            self._revealed += [m for m in gone if m in before.shadowed and m != module]
+        self._pin_ended(module, revealed=False, journal=False)
+
+    def _pin_ended(self, module: str, *, revealed: bool, journal: bool) -> None:
+        """Say that ``module``'s pin ended: one journal entry, one ``override`` event.
+
+        Every end of a pin is said here, once: by ``_expired`` (the reconciler's timer, whose
+        entry the decision log wrote) or by ``_reveal`` (what it removes from the pins it feeds).
+        """
+        then = "its persistent pin is in force again" if revealed else "back to the rules"
+        text = f"override of {module} expired: {then}"
+        if journal:
+            self.daemon.journal.send(JournalEvent.OVERRIDE_EXPIRED, text, module=module)
         self._broadcast(
             EventMessage(
                 time=self.wall(),
                 kind="override",
-                text=f"{module}: pin ended, back to the rules",
-                data={"modules": [module], "change": "expired"},
+                text=text,
+                data={"modules": [module], "change": "expired", "revealed": revealed},
             )
         )
 
@@ -508,23 +527,29 @@ class ControlHandler:
         return gone, view
 
     def _next_reveal(self) -> float | None:
+        if self._revealed:
+            return 0.0  # now (``_expired`` took such a pin out of the store already)
         reveal = self.view.next_reveal()
         return None if reveal is None else reveal - self._offset
 
     def _reveal(self, now: float) -> None:
-        """A runtime pin over a persistent one ended: the persistent one is in force again."""
-        expired = self._expire_stored(self.view.next_reveal())
+        """A runtime pin over a persistent one ended: the persistent one is in force again.
+
+        The pins are fed again without it; a plain pin that ended by now and left the store
+        with it leaves the reconciler that way too (it never expires there): both are said here.
+        """
+        before = self.view
+        revealed, self._revealed = set(self._revealed), []
+        expired = self._expire_stored(before.next_reveal())
         gone: list[str] = []
-        if expired is None:  # fed without the timer, so that it does not fire in a loop
-            view = replace(self.view, shadowed={})
+        if expired is None:  # fed without the timer, so that it does not fire in a loop; the
+            # pin keeps its end and the reconciler expires it (and ``_expired`` says so)
+            view = replace(before, shadowed={})
         else:
             gone, view = expired
-        for module in gone:
-            self.daemon.journal.send(
-                JournalEvent.OVERRIDE_EXPIRED,
-                f"override of {module} expired: its persistent pin is in force again",
-                module=module,
-            )
+        for module in sorted(revealed.union(gone)):
+            shown = module in revealed or module in before.shadowed
+            self._pin_ended(module, revealed=shown, journal=True)
         self._feed_pins(view)
 
     def _check_clock(self) -> None:

@@ -623,6 +623,78 @@ def test_events_stream_what_happens(
     assert done.data["after"] == ["gaming"] and done.data["journal_id"]
 
 
+def subscribe_events(run: DaemonThread, settings: Settings) -> list[EventMessage]:
+    """Follow the daemon's events stream; the list grows as they come."""
+    seen: list[EventMessage] = []
+    client = ControlClient(settings.control_socket, idle_timeout=30)
+
+    def listen() -> None:
+        with contextlib.suppress(Exception):
+            for answer in client.request(EventsRequest()):
+                if isinstance(answer, EventMessage):
+                    seen.append(answer)
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert eventually(lambda: run.call(lambda: run.daemon.control.server.subscribers) == 1)
+    return seen
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_each_pin_that_ends_is_one_event(
+    start_daemon: Callable[..., DaemonThread],
+    public_state: Settings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = start_daemon()
+    seen = subscribe_events(run, public_state)
+    assert cli(capsys, "enable", "gaming", "--for", "1s")[0] == ExitCode.OK
+    assert eventually(lambda: applied(public_state) == frozenset())  # back to the rules
+    assert cli(capsys, "enable", "podman", "--persist")[0] == ExitCode.OK
+    assert cli(capsys, "disable", "podman", "--for", "1s")[0] == ExitCode.OK
+    assert eventually(lambda: applied(public_state) == {"podman"})  # the persistent pin again
+    assert idle(run)
+    ended = [
+        (e.text, e.data) for e in seen if e.kind == "override" and e.data.get("change") == "expired"
+    ]
+    assert ended == [
+        (
+            "override of gaming expired: back to the rules",
+            {"modules": ["gaming"], "change": "expired", "revealed": False},
+        ),
+        (
+            "override of podman expired: its persistent pin is in force again",
+            {"modules": ["podman"], "change": "expired", "revealed": True},
+        ),
+    ]
+    assert sum("expired" in e.text or "ended" in e.text for e in seen) == 2
+
+
+def test_pins_that_end_together_end_once_each_and_reveal_the_persistent_one(
+    start_daemon: Callable[..., DaemonThread], public_state: Settings
+) -> None:
+    store = OverrideStore.from_settings(public_state)
+    root = OverrideSource(uid=0, user="root")
+    now = time.time()
+    end = now + 2.0
+    store.pin(["podman"], OverrideState.ON, until=None, source=root, persist=True, now=now)
+    for module, state in (("podman", OverrideState.OFF), ("gaming", OverrideState.ON)):
+        store.pin([module], state, until=end, source=root, persist=False, now=now)
+    run = start_daemon()
+    seen = subscribe_events(run, public_state)
+    assert eventually(lambda: applied(public_state) == {"gaming"})
+    # Both end at the same moment: gaming by the reconciler's timer, podman's runtime pin by
+    # the handler's; whichever goes first, podman goes to its persistent pin.
+    assert eventually(lambda: applied(public_state) == {"podman"})
+    assert idle(run)
+    ended = sorted(
+        (e.data["modules"], e.data["revealed"])
+        for e in seen
+        if e.kind == "override" and e.data.get("change") == "expired"
+    )
+    assert ended == [(["gaming"], False), (["podman"], True)]
+    assert set(store.load(time.time()).pins) == {"podman"}
+
+
 def test_a_pin_past_a_year_is_refused_by_the_daemon_too(
     start_daemon: Callable[..., DaemonThread], public_state: Settings
 ) -> None:
