@@ -81,6 +81,7 @@ from ._world import World, WorldReplaced
 
 if TYPE_CHECKING:
     from ._control_handler import ControlHandler
+    from ._state import State
 
 __all__ = [
     "ActionTaken",
@@ -205,6 +206,7 @@ class Daemon:
         self._pending_registry: Registry | None = None
         self._watchdog_due: float | None = None
         self._switch_watch: SystemSwitchWatch | None = None
+        self._switched_while_applying = False  # the watch fired during our apply: look again
         self._old_signals: dict[int, Any] = {}
         self._old_wakeup_fd: int | None = None
         self._closed = False
@@ -327,7 +329,7 @@ class Daemon:
         for event in self.control.stored_inputs(state.applied):
             self._execute(reconciler.handle(event, now), now)
         self._execute(self.pipeline.coldplug(state.applied, now), now)
-        if not self.dry_run and self._uncertain(state):
+        if not self.dry_run and self._uncertain(state, "rebuilding the wanted set"):
             self._execute(self.reconciler.handle(RebuildRequested(), now), now)
         if not self.dry_run:
             self._switch_watch = SystemSwitchWatch.open(
@@ -357,28 +359,39 @@ class Daemon:
         )
         self.notifier.ready(summary)
 
-    def _uncertain(self, state: Any) -> bool:
-        from ._applier import drift
+    def _uncertain(self, state: State, then: str) -> bool:
+        """Whether what is applied is unknown (an uncertain state, or a system switched by
+        hand); if so, ``SYSTEM_DRIFTED`` says why and what the daemon does (``then``)."""
+        from ._applier import current_system, drift
 
         why = state.uncertain or drift(self.settings, state)
         if why:
             self.journal.send(
-                JournalEvent.APPLY_SCHEDULED,
-                f"the applied set is uncertain ({why}): rebuilding the wanted set",
-                priority=Priority.WARNING,
+                JournalEvent.SYSTEM_DRIFTED,
+                f"the applied set is uncertain ({why}): {then}",
+                problem=why,
+                applied=state.applied,
+                system=current_system(self.settings),
             )
         return bool(why)
 
     def _system_switched(self) -> None:
-        """The running system was replaced. Our own activation does that (ignored: the state
-        is written after it); a switch from outside (a `nixos-rebuild switch` of the base)
-        leaves what is applied unknown: level-triggered, treat it as the base system, so the
-        wanted set is applied again on top of the new base."""
+        """The running system was replaced. Our own activation does that (no drift: the state
+        names the new system once the apply ends); a switch from outside (a `nixos-rebuild
+        switch` of the base) leaves what is applied unknown: level-triggered, treat it as the
+        base system, so the wanted set is applied again on top of the new base. A switch while
+        our apply runs is looked at when it ends (``_finish_apply``): it may have come after
+        our activation."""
         from ._state import load_state
 
-        if self.applying is not None or self.stopping:
+        if self.stopping:
             return
-        if not self._uncertain(load_state(self.settings, journal=self.journal)):
+        if self.applying is not None:
+            self._switched_while_applying = True
+            return
+        state = load_state(self.settings, journal=self.journal)
+        then = "taking the base system as applied, the wanted set is applied again on top of it"
+        if not self._uncertain(state, then):
             return
         now = self.clock()
         self.applied = frozenset()
@@ -604,6 +617,12 @@ class Daemon:
             apply_id=done.apply_id, ok=done.ok, applied=done.applied, message=done.message
         )
         self._execute(self.reconciler.handle(finished, now), now)
+        if self._switched_while_applying:
+            # The running system was replaced during the apply: ours, or someone's after it.
+            # Now the state names what our apply left, so a drift is known for what it is (a
+            # follow-up that started meanwhile defers this to its own end).
+            self._switched_while_applying = False
+            self._system_switched()
 
     # --- signals -----------------------------------------------------------------------------
 

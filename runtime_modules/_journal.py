@@ -93,6 +93,7 @@ class JournalEvent(enum.Enum):
     DAEMON_STOPPING = "52bb5f0006da461fa25b0cf82d58ecf1"
     WORLD_RESYNCED = "34572bfb69a84ff09bed35344efdaf52"
     UDEVD_NOT_RUNNING = "fb2f32c3e63d44779dde0aed4c9ebc9f"
+    SYSTEM_DRIFTED = "ea8066cb350c4c8c81f17ec9f212b487"
     EVENT_RECEIVED = "31f331717a944ec2b30157c05c0baa12"
 
     @property
@@ -113,6 +114,7 @@ _DEFAULT_PRIORITY = {
     JournalEvent.STATE_RECOVERED: Priority.WARNING,
     JournalEvent.STATE_WRITE_FAILED: Priority.ERR,
     JournalEvent.UDEVD_NOT_RUNNING: Priority.WARNING,
+    JournalEvent.SYSTEM_DRIFTED: Priority.WARNING,
     JournalEvent.RULES_REJECTED: Priority.ERR,
     JournalEvent.APPLY_UNCHANGED: Priority.DEBUG,
     JournalEvent.EVENT_RECEIVED: Priority.DEBUG,

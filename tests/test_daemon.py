@@ -214,6 +214,69 @@ def test_a_switch_from_outside_brings_the_wanted_set_back(
     assert _starts(fake_system) == 2
 
 
+def test_a_switch_from_outside_during_our_apply_is_looked_at_when_it_ends(
+    make_daemon: Any, netns: str, fake_system: FakeSystem, tmp_path: Path
+) -> None:
+    # A post-apply hook runs after our activation, while the apply still runs: there, once,
+    # the base is switched to by hand, and the hook waits so that the daemon sees the switch
+    # before the apply's end.
+    link = fake_system.settings.current_system
+    hook = fake_system.settings.hooks_dir / "post-apply.d" / "10-switch-by-hand"
+    hook.parent.mkdir(parents=True)
+    done = tmp_path / "switched"
+    hook.write_text(
+        "#!/bin/sh\n"
+        f"[ -e {done} ] && exit 0\n"
+        f"touch {done}\n"
+        f"ln -sfn {fake_system.initial_system} {link}.new && mv -T {link}.new {link}\n"
+        "sleep 0.5\n"
+    )
+    hook.chmod(0o755)
+    _veth(netns, up=True)
+    daemon = make_daemon(_rule(settle=0.1))
+    assert daemon.run_until(done.exists, 10)
+    assert daemon.run_until(lambda: _starts(fake_system) == 2 and daemon.applying is None, 10), (
+        "the switch during the apply was forgotten"
+    )
+    assert daemon.applied == {"virtualization"}
+    assert fake_system.current_imports() == ["virtualization"]
+    said = fake_system.stderr.getvalue()
+    assert "taking the base system as applied, the wanted set is applied again" in said
+    _settle_down(daemon, 0.5)
+    assert _starts(fake_system) == 2
+
+
+@pytest.mark.usefixtures("journald")
+def test_a_system_switched_while_the_daemon_was_away_is_journaled_as_drift(
+    make_daemon: Any, netns: str, fake_system: FakeSystem, journal_tag: str
+) -> None:
+    _veth(netns, up=True)
+    first = make_daemon(_rule(settle=0.1))
+    assert first.run_until(lambda: first.applied == {"virtualization"}, 10)
+    first.stop()
+    first.close()
+    link = fake_system.settings.current_system
+    fresh = link.with_name(link.name + ".new")
+    fresh.symlink_to(fake_system.initial_system)
+    fresh.replace(link)  # `nixos-rebuild switch` of the base, by hand, while no daemon ran
+    second = make_daemon(journal=Journal(identifier=journal_tag))
+    assert second.run_until(lambda: _starts(fake_system) == 2 and second.applying is None, 10)
+    assert fake_system.current_imports() == ["virtualization"]
+    (entry,) = journal_entries(
+        SYSLOG_IDENTIFIER=journal_tag, MESSAGE_ID=JournalEvent.SYSTEM_DRIFTED.message_id
+    )
+    assert entry["PRIORITY"] == "4"  # warning
+    assert entry["MESSAGE"].startswith("the applied set is uncertain (the running system ")
+    assert entry["MESSAGE"].endswith("): rebuilding the wanted set")
+    assert "switched outside runtime-modules" in entry["RUNTIME_MODULES_PROBLEM"]
+    assert entry["RUNTIME_MODULES_APPLIED"] == "virtualization"  # what the state file said
+    assert entry["RUNTIME_MODULES_SYSTEM"] == str(fake_system.initial_system.resolve())
+    scheduled = journal_entries(
+        SYSLOG_IDENTIFIER=journal_tag, MESSAGE_ID=JournalEvent.APPLY_SCHEDULED.message_id
+    )
+    assert not [e for e in scheduled if "uncertain" in e["MESSAGE"]]
+
+
 @pytest.mark.usefixtures("journald")
 def test_broken_rules_on_sighup_keep_the_old_ones_and_say_why(
     make_daemon: Any, netns: str, journal_tag: str, tmp_path: Path
