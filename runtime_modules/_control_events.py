@@ -7,9 +7,11 @@ link events (what the rules see, after udev ran its rules), rule transitions and
 wall-clock Unix time (docs/control.md, "events"). Pins set, cleared or ended are said by the
 control handler, which changes the override store.
 
-``World`` is read *before* a batch is applied to it (``WorldChanged`` is sent before the world
-moves), so an upsert of something already known is a ``change`` and a removed link still has
-its name.
+A device event shows the udev action the source read (``add``, ``change``, ``bind``, ``unbind``,
+``online``, ``offline``); an ancestor the source inserts along with a device had no event and is
+not shown. ``World`` is read *before* a batch is applied to it (``WorldChanged`` is sent before
+the world moves): a link (and a device from a source without actions) already known is a
+``change``, and a removed link still has its name.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def events_of(
     match notice:
         case WorldChanged(source=source, changes=changes):
             for change in changes:
+                if isinstance(change, DeviceUpsert) and change.ancestor:
+                    continue  # no event of its own: inserted for the rules' parent conditions
                 kind, text, facts = _change(change, world)
                 yield EventMessage(
                     time=wall, kind=kind, text=text, data={"source": source, **facts}
@@ -140,8 +144,8 @@ def _change(change: WorldChange, world: World | None) -> tuple[str, str, dict[st
     devices = world.devices if world is not None else {}
     links = world.links if world is not None else {}
     match change:
-        case DeviceUpsert(device=d):
-            action = "change" if d.devpath in devices else "add"
+        case DeviceUpsert(device=d, action=told):
+            action = told or ("change" if d.devpath in devices else "add")
             about = ", ".join(x for x in (d.subsystem, d.driver and f"driver {d.driver}") if x)
             return (
                 "device",

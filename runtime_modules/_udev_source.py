@@ -337,7 +337,7 @@ class UdevSource:
             changes.append(DeviceMoved(old, device))
         else:
             # add, change, bind, unbind, online, offline: the device is present with these facts
-            changes.append(DeviceUpsert(device))
+            changes.append(DeviceUpsert(device, action=action or None))
         return changes
 
     def _ancestor_changes(self, dev: Any, path: str) -> list[WorldChange]:
@@ -351,7 +351,8 @@ class UdevSource:
             ancestor_path = ancestor.device_path
             paths.append(ancestor_path)
             if ancestor_path not in sent:
-                changes.append(DeviceUpsert(device_from_pyudev(ancestor, self.attributes)))
+                found = device_from_pyudev(ancestor, self.attributes)
+                changes.append(DeviceUpsert(found, ancestor=True))
                 sent.add(ancestor_path)
         self._chains[path] = tuple(paths)
         return changes

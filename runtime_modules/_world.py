@@ -85,9 +85,17 @@ class Link:
 
 @dataclass(frozen=True, slots=True)
 class DeviceUpsert:
-    """A device is present with these facts (udev add, change, bind, unbind)."""
+    """A device is present with these facts (udev add, change, bind, unbind, online, offline).
+
+    ``action`` and ``ancestor`` say how a source learnt it, for what it shows (the events
+    stream); they are no fact of the world and do not count in comparisons. ``action`` is the
+    udev action of the device's own event (None when the source has none); ``ancestor`` is true
+    for an ancestor the source inserts along with a device (no event of its own).
+    """
 
     device: Device
+    action: str | None = field(default=None, compare=False)
+    ancestor: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

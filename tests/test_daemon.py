@@ -548,6 +548,56 @@ def test_storm_of_one_thousand_uevents_makes_one_apply(
     assert json.loads(json.dumps(fake_system.state_json()))["applied"] == ["gaming"]
 
 
+@pytest.mark.umockdev
+def test_events_show_the_udev_action_and_no_ancestor_upsert(
+    umockdev_bed: UmockdevBed,
+    fake_system: FakeSystem,
+    notify_socket: NotifyListener,
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from runtime_modules._control_client import ControlClient
+    from runtime_modules._control_protocol import Accepted, EventMessage, EventsRequest
+
+    pid = _watch(umockdev_bed, fake_system, notify_socket, GPU_RULE, tmp_path)
+    seen: list[EventMessage] = []
+    subscribed = threading.Event()
+    client = ControlClient(fake_system.settings.control_socket, idle_timeout=30)
+
+    def listen() -> None:
+        with contextlib.suppress(Exception):
+            for answer in client.request(EventsRequest()):
+                if isinstance(answer, Accepted):
+                    subscribed.set()
+                elif isinstance(answer, EventMessage) and answer.kind == "device":
+                    seen.append(answer)
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert subscribed.wait(10)
+    bridge = umockdev_bed.add("pci", "bridge0", properties={"PCI_ID": "8086:1901"})
+    # The GPU's first event brings its bridge along (for parent conditions): no event of its own.
+    gpu = umockdev_bed.add("pci", "gpu0", parent=bridge, properties={"PCI_ID": "10DE:1DB2"})
+    umockdev_bed.set_property(gpu, "DRIVER", "nvidia")
+    umockdev_bed.uevent(gpu, "bind")
+    umockdev_bed.uevent(gpu, "offline")
+    # Added and bound at once (most likely one batch): still "add", then "bind".
+    nic = umockdev_bed.add("pci", "nic0", properties={"PCI_ID": "8086:1533", "DRIVER": "igb"})
+    umockdev_bed.uevent(nic, "bind")
+    assert eventually(lambda: len(seen) >= 6)
+    time.sleep(0.3)  # nothing more comes
+    assert [(e.text, e.data["action"]) for e in seen] == [
+        ("add /devices/bridge0 (pci)", "add"),
+        ("add /devices/bridge0/gpu0 (pci)", "add"),
+        ("bind /devices/bridge0/gpu0 (pci, driver nvidia)", "bind"),
+        ("offline /devices/bridge0/gpu0 (pci, driver nvidia)", "offline"),
+        ("add /devices/nic0 (pci, driver igb)", "add"),
+        ("bind /devices/nic0 (pci, driver igb)", "bind"),
+    ]
+    assert eventually(lambda: _applied(fake_system) == {"gaming"})
+    assert _stop(umockdev_bed, pid) == 0
+
+
 # --- real udevd: a veth's uevent, classified by our udev rules, reaches the daemon ---------------
 
 

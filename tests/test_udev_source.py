@@ -180,6 +180,50 @@ def test_real_veth_uevent_reaches_the_source(udevd: None, veth_names: tuple[str,
     }
 
 
+def test_the_real_udev_action_reaches_the_events_stream(
+    udevd: None, veth_names: tuple[str, str]
+) -> None:
+    import pyudev
+
+    from runtime_modules._control_events import events_of
+    from runtime_modules._daemon_events import WorldChanged
+
+    context = pyudev.Context()
+    source = UdevSource(context, Needs(subsystems=frozenset({"net"})))
+    a, b = veth_names
+    path = f"/devices/virtual/net/{a}"
+    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+    world = World()
+    seen = _read_until(source, lambda s: a in _net_names(s))
+    for change in seen:
+        world.apply(change)
+    # Real kernel uevents of the known device, through udevd: each keeps its own action.
+    for action in ("bind", "online", "unbind", "offline", "change"):
+        subprocess.run(["udevadm", "trigger", f"--action={action}", f"/sys{path}"], check=True)
+    changes = _read_until(
+        source,
+        lambda s: sum(isinstance(c, DeviceUpsert) and c.device.devpath == path for c in s) >= 5,
+    )
+    mine = [c for c in changes if isinstance(c, DeviceUpsert) and c.device.devpath == path]
+    assert [(c.action, c.ancestor) for c in mine] == [
+        ("bind", False),
+        ("online", False),
+        ("unbind", False),
+        ("offline", False),
+        ("change", False),
+    ]
+    assert mine[0] == DeviceUpsert(mine[0].device)  # no fact of the world: equal without them
+    events = list(events_of(WorldChanged("udev", tuple(mine)), world, wall=1.0, to_wall=float))
+    assert [e.text for e in events] == [
+        f"bind {path} (net)",
+        f"online {path} (net)",
+        f"unbind {path} (net)",
+        f"offline {path} (net)",
+        f"change {path} (net)",
+    ]
+    assert [e.data["action"] for e in events] == ["bind", "online", "unbind", "offline", "change"]
+
+
 def test_monitor_overrun_is_answered_by_re_enumeration(
     udevd: None, veth_names: tuple[str, str]
 ) -> None:
