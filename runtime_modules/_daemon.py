@@ -96,9 +96,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# SIGTERM while an apply runs: let it finish for this long, then cancel it (the applier kills
-# nixos-rebuild and switches back, which takes seconds). 30 s + a rollback fits in systemd's
-# default TimeoutStopSec of 90 s; the NixOS unit sets TimeoutStopSec to match.
+# SIGTERM while an apply runs: let it finish for this long, then cancel it (a build is killed at
+# once and the system left untouched; an activation is never killed and is waited for, with its
+# rollback if it fails). The units set TimeoutStopSec long enough for that.
 DEFAULT_STOP_TIMEOUT = 30.0
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
