@@ -50,7 +50,7 @@ from pydantic import (
 from ._errors import ConfigError, PermissionDeniedError, StateError
 from ._reconciler import Override, OverridesChanged, OverrideState, Paused
 from ._registry import MODULE_NAME
-from ._settings import Settings
+from ._settings import Settings, parse_seconds
 from ._state import write_atomically
 
 __all__ = [
@@ -524,22 +524,20 @@ _UNTIL_HELP = (
 
 
 def parse_for(text: str) -> float:
-    """Seconds in a ``--for`` value: "2h", "90m", "1h30m" (the rules' duration format).
+    """Seconds in a ``--for`` value: "2h", "90m", "1h30m" (the rules' duration format, a
+    number needing its unit); ``parse_seconds`` reads it, as every duration of the settings.
 
     Raises:
         ConfigError: not such a duration, zero, or over the rules' maximum (a week).
     """
-    from ._rules import parse_duration
-
-    try:
-        seconds = parse_duration(text)
-    except ValueError as exc:
-        raise ConfigError(
-            f"--for {text!r}: {exc}; for longer, use --until or pin without a time limit"
-        ) from None
-    if seconds <= 0:
-        raise ConfigError(f"--for {text!r}: the duration must be more than 0, e.g. 2h")
-    return seconds
+    return parse_seconds(
+        text,
+        "--for",
+        number_is_seconds=False,
+        examples="2h, 90m, 1h30m or 45s",
+        longer="; for longer, use --until, or pin without a time limit (and `runtime-modules "
+        "auto MODULE` to hand it back)",
+    )
 
 
 # The furthest a timed pin may end: a year (a leap one) covers every real use, and keeps every

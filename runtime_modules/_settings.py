@@ -8,6 +8,7 @@ live under ``/var/lib/runtime-modules``.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -91,19 +92,76 @@ class Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _seconds(name: str, text: str, *, allow_zero: bool = False) -> float:
-    """A duration as rule files write it ("3s", "1m30s", 1800): finite, at most a week."""
-    from ._rules import parse_duration  # pydantic is loaded only when a variable is set
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+_WITH_UNITS = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?\s*(?:ms|s|m|h)\s*)+", re.ASCII)
 
-    # A plain number is seconds here (rule files, being typed, need no such reading).
-    plain = text.strip().replace(".", "", 1).isdigit() and text.strip().isascii()
+
+def parse_seconds(
+    text: str,
+    name: str,
+    *,
+    number_is_seconds: bool,
+    allow_zero: bool = False,
+    examples: str = "20m, 1h30m or 45s",
+    longer: str = "",
+) -> float:
+    """Seconds in a duration given by a flag (``name`` "--for") or a variable ("RUNTIME_…").
+
+    The rules' format ("500ms", "3s", "1m30s", "1.5h"), finite, at most a week. A bare number
+    is seconds where ``number_is_seconds`` (the variables, which the NixOS module writes in
+    seconds); on the command line it is refused with the units to choose from, since "--for 2"
+    or "--timeout 30" may mean any of them. ``longer`` follows "at most a week" (what to do
+    instead). Every bad value raises ConfigError naming the flag or variable and what to write.
+    """
+    from ._rules import parse_duration  # pydantic is loaded only when a duration is given
+
+    label = f"{name} {text!r}" if name.startswith("-") else f"{name}={text!r}"
+    write = f"write e.g. {examples}"
+    t = text.strip()
+    if t.startswith("-"):
+        raise ConfigError(f"{label}: a duration cannot be negative; {write}")
+    plain = _NUMBER.fullmatch(t) is not None
+    if not plain and _WITH_UNITS.fullmatch(t) is None:
+        raise ConfigError(f"{label}: not a duration; {write}")
     try:
-        value = parse_duration(float(text) if plain else text)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={text!r}: {exc}") from None
-    if value == 0 and not allow_zero:
-        raise ConfigError(f"{name}={text!r} must be more than 0 seconds; set it to e.g. 1800")
-    return value
+        seconds = parse_duration(float(t) if plain else t)
+    except ValueError:  # well formed, so only too long (or too many digits for a float)
+        raise ConfigError(f"{label}: at most a week{longer}") from None
+    if plain and not number_is_seconds and seconds != 0:
+        raise ConfigError(f"{label}: give a unit: {t}s, {t}m or {t}h")
+    if seconds == 0 and not allow_zero:
+        raise ConfigError(f"{label}: the duration must be more than 0 seconds; {write}")
+    return seconds
+
+
+def _env_seconds(name: str, text: str, *, allow_zero: bool = False) -> float:
+    return parse_seconds(
+        text,
+        name,
+        number_is_seconds=True,
+        allow_zero=allow_zero,
+        examples="3 (seconds), 500ms or 1m30s" if allow_zero else "1800 (seconds), 30m or 1h",
+    )
+
+
+def parse_command(text: str, name: str) -> tuple[str, ...]:
+    """The argv in a ``--nixos-rebuild`` value or RUNTIME_MODULES_NIXOS_REBUILD, split as a
+    shell would ("sudo nixos-rebuild", "'/opt/my rebuild'"); ConfigError if it names none."""
+    flag = name.startswith("-")
+    label = f"{name} {text!r}" if flag else f"{name}={text!r}"
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise ConfigError(
+            f"{label}: {str(exc).lower()}; write the command as for a shell, e.g. "
+            "nixos-rebuild or 'nixos-rebuild --fast', quoting a path with spaces"
+        ) from None
+    if not argv:
+        raise ConfigError(
+            f"{label}: names no command; give one (e.g. nixos-rebuild), or "
+            f"{'leave it out' if flag else 'unset it'} for the default, nixos-rebuild"
+        )
+    return argv
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -118,10 +176,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
     if v := env.get(ENV_RULES):
         changes["rules"] = tuple(Path(p) for p in v.split(":") if p)
     if v := env.get(ENV_NIXOS_REBUILD):
-        argv = tuple(shlex.split(v))
-        if not argv:
-            raise ConfigError(f"{ENV_NIXOS_REBUILD} is blank; unset it or name the command")
-        changes["nixos_rebuild"] = argv
+        changes["nixos_rebuild"] = parse_command(v, ENV_NIXOS_REBUILD)
     if v := env.get(ENV_PERSIST_DIR):
         changes["persist_dir"] = Path(v)
     if v := env.get(ENV_HOOKS_DIR):
@@ -129,15 +184,15 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
     if v := env.get(ENV_CURRENT_SYSTEM):
         changes["current_system"] = Path(v)
     if v := env.get(ENV_APPLY_TIMEOUT):
-        changes["apply_timeout"] = _seconds(ENV_APPLY_TIMEOUT, v)
+        changes["apply_timeout"] = _env_seconds(ENV_APPLY_TIMEOUT, v)
     if v := env.get(ENV_HOOK_TIMEOUT):
-        changes["hook_timeout"] = _seconds(ENV_HOOK_TIMEOUT, v)
+        changes["hook_timeout"] = _env_seconds(ENV_HOOK_TIMEOUT, v)
     if v := env.get(ENV_CONTROL_GROUP):
         changes["control_group"] = v
     if v := env.get(ENV_SETTLE):
-        changes["default_settle"] = _seconds(ENV_SETTLE, v, allow_zero=True)
+        changes["default_settle"] = _env_seconds(ENV_SETTLE, v, allow_zero=True)
     if v := env.get(ENV_LINGER):
-        changes["default_linger"] = _seconds(ENV_LINGER, v, allow_zero=True)
+        changes["default_linger"] = _env_seconds(ENV_LINGER, v, allow_zero=True)
     if v := env.get(ENV_LOG_LEVEL):
         changes["log_level"] = v.lower()
     return s.with_(**changes) if changes else s

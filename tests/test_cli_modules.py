@@ -255,10 +255,28 @@ def test_a_direct_apply_that_cannot_start_says_the_pin_is_kept(
     assert json.loads(out)["overrides"] == []
 
 
-def test_bad_timeout_is_a_usage_error(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "enable", "gaming", "--timeout", "soon")
-    assert code == ExitCode.USAGE and err.startswith("runtime-modules: --timeout: 'soon'")
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("soon", "--timeout 'soon': not a duration; write e.g. 20m, 1h or 90s"),
+        ("30", "--timeout '30': give a unit: 30s, 30m or 30h"),
+        ("-1s", "--timeout '-1s': a duration cannot be negative; write e.g. 20m, 1h or 90s"),
+        ("0m", "--timeout '0m': the duration must be more than 0 seconds; write e.g. 20m, 1h "
+               "or 90s"),
+        ("200h", "--timeout '200h': at most a week"),
+    ],
+)  # fmt: skip
+def test_bad_timeout_is_a_usage_error(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    # As --for: the same parser, a negative value said as such (not argparse's "expected one
+    # argument"), and nothing recorded.
+    for argv in (["enable", "gaming", "--timeout", value], ["rebuild", f"--timeout={value}"]):
+        code, out, err = run(capsys, *argv)
+        assert (code, out, err) == (ExitCode.USAGE, "", f"runtime-modules: {message}\n")
     assert cli.records() == []
+    code, out, _ = run(capsys, "status", "--json")
+    assert json.loads(out)["overrides"] == []
 
 
 def test_no_wait_names_the_holder(cli: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
@@ -387,6 +405,40 @@ def test_a_state_dir_that_is_a_file(
             assert (code, out) == (ExitCode.USAGE, ""), err
             assert err.startswith(f"runtime-modules: {afile} is not a directory: ")
             assert "give a directory with --state-dir" in err
+    assert cli.records() == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nixos-rebuild", '"x'], "--nixos-rebuild '\"x': no closing quotation; write the "
+         "command as for a shell, e.g. nixos-rebuild or 'nixos-rebuild --fast', quoting a path "
+         "with spaces"),
+        (["--nixos-rebuild", ""], "--nixos-rebuild '': names no command; give one (e.g. "
+         "nixos-rebuild), or leave it out for the default, nixos-rebuild"),
+        (["--nixos-rebuild", "   "], "--nixos-rebuild '   ': names no command; give one (e.g. "
+         "nixos-rebuild), or leave it out for the default, nixos-rebuild"),
+    ],
+)  # fmt: skip
+def test_a_bad_nixos_rebuild_command_is_refused_before_anything(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, *argv, "enable", "gaming")
+    assert (code, out, err) == (ExitCode.USAGE, "", f"runtime-modules: {message}\n")
+    assert not cli.settings.overrides_file.exists()  # no pin recorded before the failure
+    assert cli.records() == []
+
+
+@pytest.mark.parametrize("value", ['"x', "   "])
+def test_a_bad_nixos_rebuild_variable_is_refused(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str], monkeypatch: Any, value: str
+) -> None:
+    monkeypatch.setenv("RUNTIME_MODULES_NIXOS_REBUILD", value)
+    code, out, err = run(capsys, "enable", "gaming")
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert err.startswith(f"runtime-modules: RUNTIME_MODULES_NIXOS_REBUILD={value!r}: "), err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not cli.settings.overrides_file.exists()
     assert cli.records() == []
 
 

@@ -381,12 +381,13 @@ def test_change_request_carries_the_pin_flags() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("0", "--for '0': the duration must be more than 0, e.g. 2h, 90m, 1h30m or 45s"),
-        ("0s", "--for '0s': the duration must be more than 0, e.g. 2h, 90m, 1h30m or 45s"),
+        ("0", "--for '0': the duration must be more than 0 seconds; write e.g. 2h, 90m, "
+              "1h30m or 45s"),
+        ("0s", "--for '0s': the duration must be more than 0 seconds; write e.g. 2h, 90m, "
+               "1h30m or 45s"),
         ("30", "--for '30': give a unit: 30s, 30m or 30h"),
         ("2x", "--for '2x': not a duration; write e.g. 2h, 90m, 1h30m or 45s"),
-        ("-1h", "--for '-1h': a duration cannot be negative; give how long the pin lasts, "
-                "e.g. 2h, 90m, 1h30m or 45s"),
+        ("-1h", "--for '-1h': a duration cannot be negative; write e.g. 2h, 90m, 1h30m or 45s"),
         ("200h", "--for '200h': at most a week; for longer, use --until, or pin without a time "
                  "limit (and `runtime-modules auto MODULE` to hand it back)"),
     ],

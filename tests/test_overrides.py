@@ -368,13 +368,13 @@ def test_for_durations(text: str, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "is not a duration; write e.g."),
-        ("90", "is not a duration; write e.g."),
-        ("-1h", "is not a duration; write e.g."),
-        ("٣h", "is not a duration; write e.g."),
-        ("0m", "more than 0"),
-        ("8d", "is not a duration"),
-        ("200h", "longer than a week"),
+        ("", "not a duration; write e.g. 2h"),
+        ("90", "give a unit: 90s, 90m or 90h"),
+        ("-1h", "a duration cannot be negative; write e.g. 2h"),
+        ("٣h", "not a duration; write e.g. 2h"),
+        ("0m", "more than 0 seconds"),
+        ("8d", "not a duration"),
+        ("200h", "at most a week; for longer, use --until"),
     ],
 )
 def test_bad_for_says_what_is_expected(text: str, message: str) -> None:

@@ -33,19 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The flags whose value is a duration (``parse_seconds``).
+_DURATION_FLAGS = ("--for", "--timeout")
+
+
 def _joined_negative_durations(argv: Sequence[str]) -> list[str]:
-    """``--for -1h`` as ``--for=-1h``: argparse would take ``-1h`` for an option and say only
-    "expected one argument"; joined, the value reaches the check that says what is wrong."""
+    """``--for -1h`` as ``--for=-1h`` (and ``--timeout``): argparse would take ``-1h`` for an
+    option and say only "expected one argument"; joined, the value reaches the check that says
+    what is wrong."""
     out: list[str] = []
     args = iter(argv)
     for arg in args:
         if arg == "--":
             out += [arg, *args]
             break
-        if arg == "--for":
+        if arg in _DURATION_FLAGS:
             value = next(args, None)
-            if value is not None and value[:1] == "-" and value[1:2] in "0123456789.":
-                out.append(f"--for={value}")
+            if value is not None and value[:1] == "-" and value[1:2] in tuple("0123456789."):
+                out.append(f"{arg}={value}")
                 continue
             out += [arg] if value is None else [arg, value]
             continue

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._settings import Settings, settings_from_env
+from .._settings import Settings, parse_command, settings_from_env
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -43,16 +43,14 @@ def add_verb(
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    import shlex
-
     s = settings_from_env()
     changes: dict[str, object] = {}
     if getattr(args, "registry", None) is not None:
         changes["registry"] = args.registry
     if getattr(args, "state_dir", None) is not None:
         changes["state_dir"] = args.state_dir
-    if getattr(args, "nixos_rebuild", None):
-        changes["nixos_rebuild"] = tuple(shlex.split(args.nixos_rebuild))
+    if getattr(args, "nixos_rebuild", None) is not None:
+        changes["nixos_rebuild"] = parse_command(args.nixos_rebuild, "--nixos-rebuild")
     if getattr(args, "rules_paths", None):
         changes["rules"] = tuple(args.rules_paths)
     return s.with_(**changes) if changes else s

@@ -46,7 +46,7 @@ from .._errors import (
 )
 from .._journal import Journal
 from .._registry import load_registry
-from .._settings import Settings
+from .._settings import Settings, parse_seconds
 from .._state import load_state
 from .._status import JSON_VERSION, local_time, module_brief, status_json
 from ._common import add_verb, check_state_dir, current_user, print_json
@@ -442,15 +442,7 @@ def _cancel_on_signals() -> Iterator[threading.Event]:
 
 
 def _timeout(text: str) -> float:
-    from .._rules import parse_duration
-
-    try:
-        seconds = parse_duration(text)
-    except ValueError as exc:
-        raise ConfigError(f"--timeout: {exc}") from None
-    if seconds <= 0:
-        raise ConfigError("--timeout must be longer than 0 s")
-    return seconds
+    return parse_seconds(text, "--timeout", number_is_seconds=False, examples="20m, 1h or 90s")
 
 
 def _journal(settings: Settings) -> Journal:

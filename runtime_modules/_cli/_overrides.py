@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from .._control_protocol import (
     ResetRequest,
     ResumeRequest,
 )
-from .._errors import ConfigError, ExitCode, UnknownModuleError
+from .._errors import ExitCode, UnknownModuleError
 from .._registry import MODULE_NAME
 from .._settings import Settings
 from . import _history
@@ -152,46 +151,6 @@ def check_name_shapes(names: Sequence[str]) -> None:
             )
 
 
-_FOR_EXAMPLES = "e.g. 2h, 90m, 1h30m or 45s"
-
-
-def check_pin_for(text: str) -> None:
-    """Refuse a ``--for`` value with a message for what is wrong with it (a ConfigError).
-
-    The rules' duration format, as ``parse_for`` reads it; said here for the command line: a
-    number needs a unit there, and "for longer, use --until" helps only a value over a week.
-    """
-    from .._rules import MAX_DURATION, parse_duration
-
-    t = text.strip()
-    if t.startswith("-"):
-        raise ConfigError(
-            f"--for {text!r}: a duration cannot be negative; give how long the pin lasts, "
-            f"{_FOR_EXAMPLES}"
-        )
-    if _NUMBER.fullmatch(t):
-        if float(t) == 0:
-            raise ConfigError(f"--for {text!r}: the duration must be more than 0, {_FOR_EXAMPLES}")
-        raise ConfigError(f"--for {text!r}: give a unit: {t}s, {t}m or {t}h")
-    try:
-        seconds = parse_duration(t)
-    except ValueError:
-        if _LONG.fullmatch(t) is None:
-            raise ConfigError(f"--for {text!r}: not a duration; write {_FOR_EXAMPLES}") from None
-        seconds = MAX_DURATION + 1  # well formed: only too long
-    if seconds <= 0:
-        raise ConfigError(f"--for {text!r}: the duration must be more than 0, {_FOR_EXAMPLES}")
-    if seconds > MAX_DURATION:
-        raise ConfigError(
-            f"--for {text!r}: at most a week; for longer, use --until, or pin without a time "
-            "limit (and `runtime-modules auto MODULE` to hand it back)"
-        )
-
-
-_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
-_LONG = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?\s*(?:ms|s|m|h)\s*)+", re.ASCII)
-
-
 def change_request(verb: str, args: argparse.Namespace, *, now: float) -> Request:
     """The control request for a changing verb of ``_modules`` and its parsed flags.
 
@@ -205,8 +164,6 @@ def change_request(verb: str, args: argparse.Namespace, *, now: float) -> Reques
     if verb in ("enable", "disable"):
         modules = list(dict.fromkeys(args.modules))
         pin_for, pin_until = getattr(args, "pin_for", None), getattr(args, "pin_until", None)
-        if pin_for is not None:
-            check_pin_for(pin_for)
         until = until_from_flags(pin_for, pin_until, now=now)
         persist = bool(getattr(args, "persist", False))
         flags = [f"--for {pin_for}"] * bool(pin_for) + [f"--until {pin_until}"] * bool(pin_until)
