@@ -442,6 +442,37 @@ def test_a_bad_nixos_rebuild_variable_is_refused(
     assert cli.records() == []
 
 
+@pytest.mark.parametrize("flag", ["--state-dir", "--registry"])
+def test_an_empty_path_is_refused(
+    cli: FakeSystem,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: Any,
+    tmp_path: Path,
+    flag: str,
+) -> None:
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)  # an empty path would be this directory
+    for argv in (
+        [flag, "", "enable", "gaming"],
+        ["enable", "gaming", flag, ""],
+        [flag, "", "list"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert err.endswith(
+            f"runtime-modules: error: argument {flag}: an empty value; give a path, or leave "
+            "the option out for its default\n"
+        ) or err.endswith(
+            f"runtime-modules enable: error: argument {flag}: an empty value; give a path, or "
+            "leave the option out for its default\n"
+        ), err
+    assert list(here.iterdir()) == []  # no apply.lock, no flake/ written here
+    assert cli.records() == []
+
+
 def test_read_only_state_dir(
     cli: FakeSystem, tmpfs: Tmpfs, capsys: pytest.CaptureFixture[str], monkeypatch: Any
 ) -> None:

@@ -13,12 +13,29 @@ from typing import Any, TextIO
 from .._settings import Settings, parse_command, settings_from_env
 
 
+def non_empty(text: str) -> str:
+    """An argparse ``type`` refusing an empty value (``--state-dir ''``: a variable that
+    expanded to nothing), which would otherwise be the current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "an empty value; give a path, or leave the option out for its default"
+        )
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """An argparse ``type`` for a path: a non-empty one (``non_empty``)."""
+    return Path(non_empty(text))
+
+
 def common_parser() -> argparse.ArgumentParser:
     """Flags accepted by every verb; each overrides its environment variable."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("settings (each overrides its RUNTIME_MODULES_* variable)")
-    g.add_argument("--registry", type=Path, help="module registry JSON [RUNTIME_MODULES_REGISTRY]")
-    g.add_argument("--state-dir", type=Path, help="state directory [RUNTIME_MODULES_STATE_DIR]")
+    g.add_argument(
+        "--registry", type=path_arg, help="module registry JSON [RUNTIME_MODULES_REGISTRY]"
+    )
+    g.add_argument("--state-dir", type=path_arg, help="state directory [RUNTIME_MODULES_STATE_DIR]")
     g.add_argument(
         "--nixos-rebuild", help="the nixos-rebuild command [RUNTIME_MODULES_NIXOS_REBUILD]"
     )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import ExitCode, RuleError, RuntimeModulesError, UnknownModuleError
 from .._registry import load_registry, unknown_module_message
 from .._settings import ENV_REGISTRY, Settings
-from ._common import add_verb, print_json
+from ._common import add_verb, non_empty, path_arg, print_json
 
 if TYPE_CHECKING:  # the verbs import the core lazily (startup time of every command)
     from .._evaluate import Evaluation
@@ -43,7 +43,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "rules_paths",
         nargs="*",
-        type=Path,
+        type=path_arg,
         metavar="PATH",
         help="rule files or folders (default: the configured rules, RUNTIME_MODULES_RULES)",
     )
@@ -74,6 +74,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rules",
         dest="explain_rules",
+        type=non_empty,
         nargs="+",
         action="append",
         metavar="PATH",
@@ -96,7 +97,7 @@ def _add_world_arguments(p: argparse.ArgumentParser, *, many: bool = True) -> No
     g.add_argument(
         "--udev-db",
         dest="udev_dbs",
-        type=Path,
+        type=path_arg,
         default=[],
         metavar="FILE",
         help="`udevadm info --export-db` output",
@@ -105,7 +106,7 @@ def _add_world_arguments(p: argparse.ArgumentParser, *, many: bool = True) -> No
     g.add_argument(
         "--umockdev",
         dest="umockdevs",
-        type=Path,
+        type=path_arg,
         default=[],
         metavar="FILE",
         help="`umockdev-record` output",
@@ -115,7 +116,7 @@ def _add_world_arguments(p: argparse.ArgumentParser, *, many: bool = True) -> No
         "--links",
         dest="link_files",
         action="append",
-        type=Path,
+        type=path_arg,
         default=[],
         metavar="FILE",
         help="`ip -j -d link` output, or `ip -j -d addr` for rules that test addresses",
@@ -130,7 +131,7 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         dest="rules_paths",
         nargs="+",
         action="extend",
-        type=Path,
+        type=path_arg,
         required=True,
         metavar="PATH",
         help="rule files or folders",

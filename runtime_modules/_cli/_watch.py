@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from .._settings import Settings
-from ._common import add_verb, check_state_dir
+from ._common import add_verb, check_state_dir, path_arg
 
 
 def log_level(text: str) -> str:
@@ -44,7 +43,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rules",
         dest="rules_paths",
-        type=Path,
+        type=path_arg,
         nargs="+",
         metavar="PATH",
         help="rule files or folders [RUNTIME_MODULES_RULES, default /etc/runtime-modules/rules]",
