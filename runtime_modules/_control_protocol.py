@@ -47,6 +47,8 @@ __all__ = [
     "CHANGE_OPS",
     "EXIT_CODES",
     "FINAL_TYPES",
+    "MAX_COMMAND",
+    "MAX_MODULES",
     "MAX_OUTPUT_LINE",
     "MAX_REQUEST_BYTES",
     "MAX_RESPONSE_BYTES",
@@ -88,12 +90,16 @@ MAX_REQUEST_BYTES = 64 * 1024
 # 1 MiB (the server also buffers at most that much for one client that does not read).
 MAX_OUTPUT_LINE = 8 * 1024
 MAX_RESPONSE_BYTES = 1024 * 1024
+# At most this many module names in one request, and this much of the command line recorded
+# with a change (for display: the CLI cuts it).
+MAX_MODULES = 1024
+MAX_COMMAND = 4096
 
 # --- requests ------------------------------------------------------------------------------
 
 _ModuleName = Annotated[str, StringConstraints(pattern=MODULE_NAME.pattern)]
-_Modules = Annotated[list[_ModuleName], Field(min_length=1, max_length=1024)]
-_Command = Annotated[str, StringConstraints(max_length=4096)]
+_Modules = Annotated[list[_ModuleName], Field(min_length=1, max_length=MAX_MODULES)]
+_Command = Annotated[str, StringConstraints(max_length=MAX_COMMAND)]
 
 
 class _Request(BaseModel):
@@ -109,7 +115,7 @@ class _Change(_Request):
 
 class StatusRequest(_Request):
     op: Literal["status"] = "status"
-    modules: list[_ModuleName] = Field(default_factory=list, max_length=1024)
+    modules: list[_ModuleName] = Field(default_factory=list, max_length=MAX_MODULES)
 
 
 class EventsRequest(_Request):

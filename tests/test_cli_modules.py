@@ -473,6 +473,33 @@ def test_an_empty_path_is_refused(
     assert cli.records() == []
 
 
+def test_too_many_modules_is_a_usage_error(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [f"m{i}" for i in range(1025)]
+    for verb in ("enable", "disable", "status"):
+        code, out, err = run(capsys, verb, *names, "gaming")
+        assert (code, out) == (ExitCode.USAGE, ""), err
+        assert err == (
+            "runtime-modules: 1026 modules named; at most 1024 fit in one command: name them in "
+            "several commands\n"
+        )
+    assert cli.records() == []
+
+
+def test_a_long_command_line_is_recorded_cut(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [f"module{i:03d}-" + "x" * 110 for i in range(40)]  # 40 x 121 characters
+    cli.write_registry([{"name": n, "description": "long"} for n in names])
+    code, _, err = run(capsys, "enable", *names)
+    assert code == ExitCode.OK, err
+    pins = OverrideStore.from_settings(cli.settings).load(time.time()).pins
+    assert sorted(pins) == names
+    command = pins[names[0]].source.command
+    assert len(command) == 4096 and command.startswith("enable module000-x") and command[-1] == "…"
+
+
 def test_read_only_state_dir(
     cli: FakeSystem, tmpfs: Tmpfs, capsys: pytest.CaptureFixture[str], monkeypatch: Any
 ) -> None:

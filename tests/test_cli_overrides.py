@@ -131,6 +131,38 @@ def test_unprivileged_user_is_refused(daemon: Running) -> None:
     assert daemon.daemon.seen == []
 
 
+def test_too_many_modules_for_one_request(
+    daemon: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [f"m{i}" for i in range(1025)]
+    for argv in (["auto", *names], ["enable", *names], ["status", *names, "m1"]):
+        assert main(argv) == ExitCode.USAGE
+        assert capsys.readouterr().err == (
+            "runtime-modules: 1025 modules named; at most 1024 fit in one command: name them in "
+            "several commands\n"
+        )
+    long = [f"m{i:04d}" + "x" * 100 for i in range(1000)]  # few enough, but 100 KiB of names
+    for argv in (["auto", *long], ["disable", *long], ["status", *long]):
+        assert main(argv) == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert err.startswith("runtime-modules: the module names make a request of ")
+        assert err.endswith(" bytes, over the 65536 the control socket takes; name fewer modules "
+                            "at once\n")  # fmt: skip
+    assert daemon.daemon.seen == []
+
+
+def test_a_long_command_line_reaches_the_daemon_cut(
+    daemon: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [f"m{i:03d}" + "x" * 60 for i in range(100)]  # 6.4 KiB of command line
+    assert main(["enable", *names, "--no-wait"]) == ExitCode.USAGE  # the fake knows none
+    assert "unknown module" in capsys.readouterr().err
+    request = daemon.daemon.seen[0][0]
+    assert isinstance(request, EnableRequest) and request.modules == names
+    assert len(request.command) == 4096 and request.command.endswith("…")
+    assert request.command.startswith(f"enable {names[0]} {names[1]} ")
+
+
 def test_events_streams_like_udevadm_monitor(daemon: Running) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime_modules", "events"],

@@ -51,7 +51,7 @@ from .._state import load_state
 from .._status import JSON_VERSION, local_time, module_brief, status_json
 from ._common import add_verb, check_state_dir, current_user, print_json
 from ._overrides import add_pin_flags, change_request, check_name_shapes, record_change
-from ._route import daemon_client, route_to_daemon
+from ._route import check_request_size, daemon_client, route_to_daemon
 
 __all__ = ["EXIT_CODES", "JSON_VERSION", "apply_directly", "ensure_can_change"]
 
@@ -150,8 +150,10 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     check_name_shapes(args.modules)
+    request = StatusRequest(modules=list(dict.fromkeys(args.modules)))
+    check_request_size(request)
     try:
-        answer = daemon_client(settings).call(StatusRequest(modules=list(args.modules)))
+        answer = daemon_client(settings).call(request)
     except NoDaemonError:
         data = local_status(settings, args.modules)
     else:

@@ -25,6 +25,8 @@ from typing import Any
 
 from .._control_client import ControlClient
 from .._control_protocol import (
+    MAX_COMMAND,
+    MAX_MODULES,
     Accepted,
     AutoRequest,
     DisableRequest,
@@ -37,7 +39,7 @@ from .._control_protocol import (
     ResetRequest,
     ResumeRequest,
 )
-from .._errors import ExitCode, UnknownModuleError
+from .._errors import ConfigError, ExitCode, UnknownModuleError
 from .._registry import MODULE_NAME
 from .._settings import Settings
 from . import _history
@@ -141,8 +143,14 @@ def add_pin_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check_name_shapes(names: Sequence[str]) -> None:
-    """Refuse what cannot be a module name, before it reaches a request (which would refuse it
-    less clearly)."""
+    """Refuse what cannot be a module name, or more names than a request carries, before they
+    reach a request (which would refuse them less clearly)."""
+    count = len(set(names))
+    if count > MAX_MODULES:
+        raise ConfigError(
+            f"{count} modules named; at most {MAX_MODULES} fit in one command: name them in "
+            "several commands"
+        )
     for name in names:
         if not MODULE_NAME.match(name):
             raise UnknownModuleError(
@@ -207,7 +215,9 @@ def record_change(settings: Settings, request: Request, *, now: float) -> None:
 
 
 def _command(verb: str, *parts: str) -> str:
-    return " ".join((verb, *parts))
+    """The command line recorded with a change, for display: cut to what a request carries."""
+    text = " ".join((verb, *parts))
+    return text if len(text) <= MAX_COMMAND else text[: MAX_COMMAND - 1] + "…"
 
 
 def _no_daemon_note(settings: Settings) -> None:

@@ -12,8 +12,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .._control_client import ControlClient
-from .._control_protocol import Accepted, Done, Ok, Progress, Request, StatusResponse
-from .._errors import ExitCode, NoDaemonError
+from .._control_protocol import (
+    MAX_REQUEST_BYTES,
+    Accepted,
+    Done,
+    Ok,
+    Progress,
+    Request,
+    StatusResponse,
+)
+from .._errors import ConfigError, ExitCode, NoDaemonError
 from .._settings import Settings
 from ._common import check_state_dir, format_duration, print_json
 
@@ -27,6 +35,16 @@ def daemon_client(settings: Settings) -> ControlClient:
     return ControlClient(settings.control_socket, idle_timeout=settings.apply_timeout + _IDLE_SLACK)
 
 
+def check_request_size(request: Request) -> None:
+    """Refuse a request the daemon would refuse for its size (many long module names)."""
+    size = len(request.model_dump_json().encode()) + 1
+    if size > MAX_REQUEST_BYTES:
+        raise ConfigError(
+            f"the module names make a request of {size} bytes, over the {MAX_REQUEST_BYTES} "
+            "the control socket takes; name fewer modules at once"
+        )
+
+
 def route_to_daemon(
     settings: Settings, request: Request, *, on_daemon: Callable[[], None] | None = None
 ) -> int | None:
@@ -36,6 +54,7 @@ def route_to_daemon(
     daemon answers with are raised as ``RuntimeModulesError``s. ``on_daemon`` runs once the
     daemon answered, before its answers are shown (for notes about flags it does not use).
     """
+    check_request_size(request)
     try:
         stream = daemon_client(settings).request(request)
         first = next(stream)
