@@ -48,7 +48,7 @@ from ._control_protocol import (
     is_final,
     parse_request,
 )
-from ._errors import ControlError, RuntimeModulesError
+from ._errors import ControlError, PermissionDeniedError, RuntimeModulesError
 from ._overrides import OverrideSource
 
 __all__ = ["ControlServer", "Handler", "Peer", "Reply"]
@@ -260,9 +260,18 @@ class ControlServer:
 
         Raises:
             ControlError: another daemon listens there, or the path is not a socket.
+            PermissionDeniedError: this user may not create the socket (or its directory).
         """
-        self._clear_stale()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        try:
+            self._clear_stale()
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except PermissionError as exc:
+            raise self._cannot_create(exc) from None
+        except OSError as exc:
+            raise ControlError(
+                f"{self.path.parent}: cannot create the directory of the control socket: "
+                f"{exc.strerror}"
+            ) from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(self.path))
@@ -270,12 +279,22 @@ class ControlServer:
             os.chmod(self.path, 0o666)
             sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
+        except PermissionError as exc:
+            sock.close()
+            raise self._cannot_create(exc) from None
         except OSError as exc:
             sock.close()
             raise ControlError(f"{self.path}: cannot listen on the control socket: {exc}") from None
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
         self._sock = sock
+
+    def _cannot_create(self, exc: OSError) -> PermissionDeniedError:
+        return PermissionDeniedError(
+            f"{self.path}: cannot create the control socket ({exc.strerror}): the daemon needs "
+            "root (run it with sudo), or a state directory this user can write (--state-dir or "
+            "RUNTIME_MODULES_STATE_DIR)"
+        )
 
     def _clear_stale(self) -> None:
         try:

@@ -310,6 +310,43 @@ def test_a_file_in_the_way_is_not_removed(sock_dir: Path) -> None:
     assert path.read_text() == "precious"
 
 
+def test_watch_as_a_user_who_cannot_create_the_socket_is_told_what_to_do(
+    sock_dir: Path,
+) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running the daemon as nobody needs root and setpriv")
+    rules = sock_dir / "rules.toml"
+    rules.write_text("rule = []\n")
+    root_owned = sock_dir / "root-owned"
+    root_owned.mkdir(mode=0o755)
+    stale = root_owned / "stale"
+    stale.mkdir(mode=0o755)
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(stale / "control.sock"))  # a killed daemon's socket, that nobody may remove
+    os.chmod(stale / "control.sock", 0o666)
+    left.close()
+    for state_dir in (root_owned / "new", root_owned, stale):
+        proc = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+             "-m", "runtime_modules", "watch", "--dry-run", "--state-dir", str(state_dir),
+             "--rules", str(rules), "--registry",
+             str(REPO / "scripts" / "demo.d" / "registry.json")],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == ExitCode.PERMISSION, proc.stderr
+        assert proc.stderr == (
+            f"runtime-modules: {state_dir / 'control.sock'}: cannot create the control socket "
+            "(Permission denied): the daemon needs root (run it with sudo), or a state "
+            "directory this user can write (--state-dir or RUNTIME_MODULES_STATE_DIR)\n"
+        )
+    assert sorted(p.name for p in root_owned.iterdir()) == ["stale"]
+
+
 CLIENT = textwrap.dedent(
     """
     import json, sys
