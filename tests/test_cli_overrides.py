@@ -372,6 +372,28 @@ def test_history_of_nothing(journald: Path, capsys: pytest.CaptureFixture[str]) 
     assert "journalctl failed" in capsys.readouterr().err
 
 
+def test_history_without_journal_access_needs_root_or_the_group() -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running the CLI as nobody needs root and setpriv")
+    proc = subprocess.run(
+        [*NOBODY, sys.executable, "-m", "runtime_modules", "history"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=30,
+    )
+    if proc.returncode == ExitCode.OK:
+        pytest.skip("nobody can read this machine's journal")
+    assert proc.returncode == ExitCode.PERMISSION, proc.stderr
+    assert proc.stderr == (
+        "runtime-modules: journalctl: No journal files were opened due to insufficient "
+        "permissions; the applies are in the system journal: run as root (`sudo runtime-modules "
+        "history`) or as a member of systemd-journal\n"
+    )
+
+
 # --- what enable/disable/reset/rebuild use from here ---------------------------------------
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .._errors import ConfigError, ExitCode
+from .._errors import ConfigError, ExitCode, PermissionDeniedError
 from .._settings import Settings
 from ._common import escape_controls, format_duration, print_json
 
@@ -88,6 +88,11 @@ def read_history(
         ) from None
     if proc.returncode != 0 and not proc.stdout:
         detail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        if "insufficient permissions" in proc.stderr:
+            raise PermissionDeniedError(
+                f"journalctl: {detail[0].rstrip('.')}; the applies are in the system journal: "
+                "run as root (`sudo runtime-modules history`) or as a member of systemd-journal"
+            )
         raise ConfigError(f"journalctl failed: {detail[0]}")
     applies: dict[str, dict[str, Any]] = {}
     for line in proc.stdout.splitlines():
