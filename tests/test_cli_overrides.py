@@ -259,6 +259,29 @@ def test_pause_and_resume_without_daemon(env: Settings, capsys: pytest.CaptureFi
     assert OverrideStore.from_settings(env).load(time.time()).paused is False
 
 
+@pytest.mark.parametrize("argv", [["auto", "gaming"], ["pause"], ["resume"]])
+def test_without_write_access_the_store_verbs_need_root(env: Settings, argv: list[str]) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop the capabilities that bypass permissions")
+    os.chown(env.state_dir, 65534, 65534)  # nobody's: root without CAP_DAC_OVERRIDE cannot write
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    cmd = [*drop, sys.executable, "-m", "runtime_modules", *argv]
+    run_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, check=False)
+    assert done.returncode == ExitCode.PERMISSION, done.stderr
+    assert done.stderr == (
+        f"runtime-modules: changing modules needs root ({env.state_dir} is not writable by "
+        "root); run `sudo runtime-modules …`, or add --sudo\n"
+    )
+    if shutil.which("sudo") is None:  # --sudo is taken, as by enable and disable
+        done = subprocess.run(
+            [*cmd, "--sudo"], cwd=REPO, env=run_env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == ExitCode.PERMISSION, done.stderr
+        assert "sudo is not installed; run the command as root" in done.stderr
+    assert list(env.state_dir.iterdir()) == []  # not even the overrides' lock file
+
+
 # --- history -------------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("modules", nargs="+", metavar="MODULE")
     _no_wait(p)
+    _sudo(p)
     p.set_defaults(func=cmd_auto)
 
     p = add_parser(
@@ -69,6 +70,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Pause automation: the modules the rules want now stay as they are, "
         "overrides still apply. Ends with `resume` or at reboot.",
     )
+    _sudo(p)
     p.set_defaults(func=cmd_pause)
 
     p = add_parser(
@@ -77,6 +79,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Resume automation: the rules decide again, for the world as it is now.",
     )
     _no_wait(p)
+    _sudo(p)
     p.set_defaults(func=cmd_resume)
 
     p = add_parser(
@@ -121,6 +124,22 @@ def _no_wait(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="return once the daemon has taken the request; do not wait for the apply",
     )
+
+
+def _sudo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sudo",
+        action="store_true",
+        help="without the daemon, when not root: run the command again with sudo (the default "
+        "on a terminal)",
+    )
+
+
+def _ensure_can_change(settings: Settings, args: argparse.Namespace) -> None:
+    """Without a daemon: the store is changed here, which needs what a direct apply needs."""
+    from ._modules import ensure_can_change  # _modules imports this module
+
+    ensure_can_change(settings, sudo=args.sudo)
 
 
 def add_pin_flags(p: argparse.ArgumentParser) -> None:
@@ -244,6 +263,7 @@ def cmd_auto(args: argparse.Namespace, settings: Settings) -> int:
     store = OverrideStore.from_settings(settings, warn=warn)
     pinned = store.load(now).pins
     _check_names([m for m in modules if m not in pinned], settings)
+    _ensure_can_change(settings, args)
     store.unpin(modules, now=now)
     for name in modules:
         print(f"{name}: handed back to the rules" if name in pinned else f"{name}: had no override")
@@ -258,6 +278,7 @@ def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
     from .._overrides import OverrideStore
     from .._state import load_state
 
+    _ensure_can_change(settings, args)
     # Keep what is applied now, as the daemon's pause keeps what the rules want at that moment.
     applied = load_state(settings).applied
     OverrideStore.from_settings(settings, warn=warn).set_paused(
@@ -275,6 +296,7 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
         return code
     from .._overrides import OverrideStore
 
+    _ensure_can_change(settings, args)
     OverrideStore.from_settings(settings, warn=warn).set_paused(False, now=time.time())
     print("automation resumed")
     _no_daemon_note(settings)
