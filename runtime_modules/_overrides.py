@@ -473,11 +473,25 @@ class OverrideStore:
             raise PermissionDeniedError(
                 f"{path}: changing overrides needs root; run the command with sudo"
             ) from None
+        except (FileExistsError, NotADirectoryError):
+            raise self._not_a_directory(path) from None
         except OSError as exc:
             raise StateError(
                 f"{path}: cannot write overrides: {exc.strerror}; the previous file is unchanged "
                 "(free space or make the directory writable, then retry)"
             ) from None
+
+    def _not_a_directory(self, path: Path) -> ConfigError:
+        """A file where the directory of ``path`` (or one above it) should be."""
+        variable = (
+            "RUNTIME_MODULES_PERSIST_DIR (default /var/lib/runtime-modules)"
+            if path == self.persistent_file
+            else "--state-dir or RUNTIME_MODULES_STATE_DIR (default /run/runtime-modules)"
+        )
+        return ConfigError(
+            f"{path}: cannot write overrides: {path.parent} or a folder above it is a file, not "
+            f"a directory; give a directory with {variable}, or move the file"
+        )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -489,6 +503,8 @@ class OverrideStore:
             raise PermissionDeniedError(
                 f"{lock}: changing overrides needs root; run the command with sudo"
             ) from None
+        except (FileExistsError, NotADirectoryError):
+            raise self._not_a_directory(lock) from None
         except OSError as exc:
             raise StateError(f"{lock}: cannot lock the overrides: {exc.strerror}") from None
         try:

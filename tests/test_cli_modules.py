@@ -500,6 +500,26 @@ def test_a_long_command_line_is_recorded_cut(
     assert len(command) == 4096 and command.startswith("enable module000-x") and command[-1] == "…"
 
 
+def test_persist_into_a_file_is_a_usage_error(
+    cli: FakeSystem, capsys: pytest.CaptureFixture[str], monkeypatch: Any, tmp_path: Path
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for where, what in (
+        (afile, "the persistent directory must be one"),
+        (afile / "lib", f"it cannot hold the persistent directory {afile / 'lib'}"),
+    ):
+        monkeypatch.setenv("RUNTIME_MODULES_PERSIST_DIR", str(where))
+        code, out, err = run(capsys, "enable", "gaming", "--persist")
+        assert (code, out) == (ExitCode.USAGE, "")
+        assert err == (
+            f"runtime-modules: {afile} is not a directory: {what}; give a directory with "
+            "RUNTIME_MODULES_PERSIST_DIR (default /var/lib/runtime-modules), or move the file\n"
+        )
+    assert not cli.settings.overrides_file.exists()  # nothing pinned, in either layer
+    assert cli.records() == []
+
+
 def test_read_only_state_dir(
     cli: FakeSystem, tmpfs: Tmpfs, capsys: pytest.CaptureFixture[str], monkeypatch: Any
 ) -> None:

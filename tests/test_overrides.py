@@ -280,6 +280,27 @@ def test_full_disk_leaves_the_previous_file(store: OverrideStore, tmp_path: Path
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def test_a_file_in_place_of_a_directory_is_named(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    persistent = OverrideStore(tmp_path / "run" / "overrides.json", afile / "overrides.json")
+    with pytest.raises(ConfigError) as info:
+        persistent.pin(["a"], OverrideState.ON, until=None, source=ROOT, persist=True, now=T0)
+    assert str(info.value) == (
+        f"{afile / 'overrides.json'}: cannot write overrides: {afile} or a folder above it is a "
+        "file, not a directory; give a directory with RUNTIME_MODULES_PERSIST_DIR (default "
+        "/var/lib/runtime-modules), or move the file"
+    )
+    runtime = OverrideStore(afile / "run" / "overrides.json", tmp_path / "lib" / "overrides.json")
+    with pytest.raises(ConfigError) as info:
+        runtime.pin(["a"], OverrideState.ON, until=None, source=ROOT, persist=False, now=T0)
+    assert str(info.value) == (
+        f"{afile / 'run' / 'overrides.json.lock'}: cannot write overrides: {afile / 'run'} or a "
+        "folder above it is a file, not a directory; give a directory with --state-dir or "
+        "RUNTIME_MODULES_STATE_DIR (default /run/runtime-modules), or move the file"
+    )
+
+
 def test_unprivileged_writer_gets_a_clear_message() -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to write as nobody")

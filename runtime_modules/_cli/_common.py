@@ -76,9 +76,26 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def check_state_dir(settings: Settings) -> None:
     """Refuse a state directory that is a file, or under one (exit 2), before anything uses it:
     what would fail later reads as a missing daemon or a missing permission."""
+    _check_dir(
+        settings.state_dir,
+        "the state directory",
+        "--state-dir or RUNTIME_MODULES_STATE_DIR (default /run/runtime-modules)",
+    )
+
+
+def check_persist_dir(settings: Settings) -> None:
+    """As ``check_state_dir``, for the directory of the pins kept with ``--persist``."""
+    _check_dir(
+        settings.persist_dir,
+        "the persistent directory",
+        "RUNTIME_MODULES_PERSIST_DIR (default /var/lib/runtime-modules)",
+    )
+
+
+def _check_dir(directory: Path, name: str, how: str) -> None:
     from .._errors import ConfigError
 
-    for path in (settings.state_dir, *settings.state_dir.parents):
+    for path in (directory, *directory.parents):
         try:
             found = path.exists()
         except OSError:  # a parent that cannot be searched: the command's own access check says
@@ -86,13 +103,13 @@ def check_state_dir(settings: Settings) -> None:
         if found:
             if not path.is_dir():
                 what = (
-                    "the state directory must be one"
-                    if path == settings.state_dir
-                    else f"it cannot hold the state directory {settings.state_dir}"
+                    f"{name} must be one"
+                    if path == directory
+                    else f"it cannot hold {name} {directory}"
                 )
                 raise ConfigError(
-                    f"{path} is not a directory: {what}; give a directory with --state-dir or "
-                    "RUNTIME_MODULES_STATE_DIR (default /run/runtime-modules), or move the file"
+                    f"{path} is not a directory: {what}; give a directory with {how}, or move "
+                    "the file"
                 )
             return
 

@@ -49,7 +49,7 @@ from .._registry import load_registry
 from .._settings import Settings, parse_seconds
 from .._state import load_state
 from .._status import JSON_VERSION, local_time, module_brief, status_json
-from ._common import add_verb, check_state_dir, current_user, print_json
+from ._common import add_verb, check_persist_dir, check_state_dir, current_user, print_json
 from ._overrides import add_pin_flags, change_request, check_name_shapes, record_change
 from ._route import check_request_size, daemon_client, route_to_daemon
 
@@ -325,7 +325,7 @@ def _change(verb: str, args: argparse.Namespace, settings: Settings, target: Tar
     kept = None
     if not args.dry_run:
         # Pinned first, so that a daemon started meanwhile or later keeps it instead of undoing it.
-        ensure_can_change(settings, sudo=args.sudo)
+        ensure_can_change(settings, sudo=args.sudo, persist=getattr(args, "persist", False))
         record_change(settings, request, now=now)
         kept = _pin_kept(request)
     try:
@@ -454,31 +454,36 @@ def _journal(settings: Settings) -> Journal:
 # -- needing root ---------------------------------------------------------------------------
 
 
-def ensure_can_change(settings: Settings, *, sudo: bool) -> None:
-    """Raise (or re-run under sudo) when this process may not write the state directory.
+def ensure_can_change(settings: Settings, *, sudo: bool, persist: bool = False) -> None:
+    """Raise (or re-run under sudo) when this process may not write the state directory (and,
+    with ``persist``, the persistent directory of ``--persist``'s pins).
 
     With ``--sudo``, or on an interactive terminal, the command runs again as
     ``sudo runtime-modules …`` like the reference does; in a script it fails with exit code 3, so
     nothing waits for a password prompt no one sees.
     """
     check_state_dir(settings)
-    where = settings.state_dir
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    if os.access(where, os.W_OK | os.X_OK):
-        return
-    if _read_only(where):
-        raise StateError(
-            f"{settings.state_dir}: the state directory is on a read-only file system; "
-            "remount it read-write"
+    directories = {settings.state_dir: "the state directory"}
+    if persist:
+        check_persist_dir(settings)
+        directories[settings.persist_dir] = "the persistent directory"
+    for directory, name in directories.items():
+        where = directory
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if os.access(where, os.W_OK | os.X_OK):
+            continue
+        if _read_only(where):
+            raise StateError(
+                f"{directory}: {name} is on a read-only file system; remount it read-write"
+            )
+        interactive = sys.stdin.isatty() and sys.stderr.isatty()
+        if (sudo or interactive) and not os.environ.get(ENV_SUDO_GUARD):
+            _reexec_with_sudo()
+        raise PermissionDeniedError(
+            f"changing modules needs root ({directory} is not writable by "
+            f"{current_user()}); run `sudo runtime-modules …`, or add --sudo"
         )
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
-    if (sudo or interactive) and not os.environ.get(ENV_SUDO_GUARD):
-        _reexec_with_sudo()
-    raise PermissionDeniedError(
-        f"changing modules needs root ({settings.state_dir} is not writable by "
-        f"{current_user()}); run `sudo runtime-modules …`, or add --sudo"
-    )
 
 
 def _read_only(path: Path) -> bool:
