@@ -75,7 +75,9 @@ class RuleProblem:
 
 
 class RuleError(RuntimeModulesError):
-    exit_code = ExitCode.FAILURE
+    # Invalid rule files are bad input for every verb that reads them; `rules check`, which
+    # looks for problems, exits 1 when it finds some (it returns that itself).
+    exit_code = ExitCode.USAGE
 
     def __init__(self, problems: list[RuleProblem]) -> None:
         self.problems = problems

@@ -12,6 +12,7 @@ import pytest
 
 from runtime_modules._cli import main
 from runtime_modules._cli._rules import live_world
+from runtime_modules._errors import ExitCode, RuleError
 from runtime_modules._rules import load_rules
 from runtime_modules._settings import DEFAULT_REGISTRY, ENV_REGISTRY, ENV_RULES
 from tests.fixtures.system import REPO
@@ -202,6 +203,8 @@ def test_invalid_rules_are_bad_input_but_a_failed_check(
     )  # fmt: skip
     assert watch.returncode == 2, watch.stderr
     assert f"runtime-modules: {bad}: rule a: when: required key is missing" in watch.stderr
+    # The error says so itself, for every verb (and library use); only `rules check` exits 1.
+    assert RuleError([]).exit_code == ExitCode.USAGE
 
 
 def test_simulate_replays_events(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .._errors import ExitCode, RuleError, RuntimeModulesError
+from .._errors import ExitCode, RuntimeModulesError
 from ._common import TerminalSafe, common_parser, settings_from_args
 
 __all__ = ["main"]
@@ -66,11 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         code: int = args.func(args, settings)
-    except RuleError as exc:
-        # Invalid rule files are bad input (2) for every verb that reads them; a problem found
-        # by `rules check`, which is what it looks for, is 1 (it returns that itself).
-        print(f"runtime-modules: {exc}", file=sys.stderr)
-        return int(ExitCode.USAGE)
     except RuntimeModulesError as exc:
         print(f"runtime-modules: {exc}", file=sys.stderr)
         return int(exc.exit_code)
