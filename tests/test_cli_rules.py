@@ -207,6 +207,56 @@ def test_invalid_rules_are_bad_input_but_a_failed_check(
     assert RuleError([]).exit_code == ExitCode.USAGE
 
 
+def _no_rule_file(paths: str) -> str:
+    return (
+        f"runtime-modules: no rule file in {paths}: rule files end in .toml or .json (a folder "
+        "is read for those, hidden ones skipped); name such files, or folders that hold them\n"
+    )
+
+
+def test_paths_without_any_rule_file_are_bad_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, registry: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".#gaming.toml").write_text("rule = []\n")  # an editor's lock file
+    (hidden / "README.md").write_text("rules go here\n")
+    both = f"{empty}, {hidden}"
+    for argv, named in (
+        (["rules", "check", str(empty)], str(empty)),
+        (["rules", "check", str(empty), str(hidden)], both),
+        (["simulate", "--rules", str(hidden)], str(hidden)),
+        (["explain", "--rules", str(empty), str(hidden), "--links", str(empty)], both),
+        (["explain", "--rules", str(empty)], str(empty)),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert (code, out, err) == (ExitCode.USAGE, "", _no_rule_file(named)), argv
+    # With one rule file among them, the rest is no error.
+    good = tmp_path / "good.toml"
+    good.write_text("rule = []\n")
+    code, out, _ = run(capsys, "rules", "check", str(empty), str(good))
+    assert code == ExitCode.OK and out.startswith("rules OK: 0 rules in 1 file;")
+    watch = [sys.executable, "-m", "runtime_modules", "watch", "--dry-run", "--registry",
+             str(registry), "--state-dir", str(tmp_path / "state"), "--rules"]  # fmt: skip
+    proc = subprocess.run(
+        [*watch, str(hidden)], capture_output=True, text=True, cwd=REPO, check=False, timeout=60
+    )
+    assert (proc.returncode, proc.stderr) == (ExitCode.USAGE, _no_rule_file(str(hidden)))
+    # An empty folder is what the NixOS module installs with no rule: the daemon runs for the
+    # changes by hand, and says so (here it stops at once, on a registry that is not there).
+    proc = subprocess.run(
+        [*watch, str(empty), "--registry", str(tmp_path / "none.json")],
+        capture_output=True, text=True, cwd=REPO, check=False, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr.startswith(
+        f"runtime-modules: note: no rule file in {empty}: no rule enables a module; modules "
+        f"change only by hand\nruntime-modules: {tmp_path / 'none.json'}: no module registry"
+    )
+
+
 def test_simulate_replays_events(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     capture = tmp_path / "capture.txt"
     capture.write_text(

@@ -13,10 +13,17 @@ import argparse
 import difflib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ExitCode, RuleError, RuntimeModulesError, UnknownModuleError
+from .._errors import (
+    ConfigError,
+    ExitCode,
+    RuleError,
+    RuntimeModulesError,
+    UnknownModuleError,
+)
 from .._registry import load_registry, unknown_module_message
 from .._settings import ENV_REGISTRY, Settings
 from ._common import add_verb, non_empty, path_arg, print_json
@@ -26,7 +33,7 @@ if TYPE_CHECKING:  # the verbs import the core lazily (startup time of every com
     from .._rules import Needs, RuleSet
     from .._world import World
 
-__all__ = ["add_simulate_arguments", "live_world", "register"]
+__all__ = ["add_simulate_arguments", "live_world", "no_rule_file", "register"]
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -161,13 +168,27 @@ def _known_modules(
 
 
 def _load(settings: Settings, known: frozenset[str] | None) -> RuleSet:
+    """The rules of ``settings.rules``; ConfigError when those paths hold no rule file at all
+    (a folder of other files, a typo'd folder): nothing would be checked or evaluated."""
     from .._rules import load_rules
 
-    return load_rules(
+    rules = load_rules(
         settings.rules,
         known_modules=known,
         default_settle=settings.default_settle,
         default_linger=settings.default_linger,
+    )
+    if not rules.sources:
+        raise no_rule_file(settings.rules)
+    return rules
+
+
+def no_rule_file(paths: Sequence[Path]) -> ConfigError:
+    """The error for rule paths that name no rule file."""
+    named = ", ".join(str(p) for p in paths) or "(no path)"
+    return ConfigError(
+        f"no rule file in {named}: rule files end in .toml or .json (a folder is read for "
+        "those, hidden ones skipped); name such files, or folders that hold them"
     )
 
 
@@ -230,8 +251,6 @@ def _module_names(rules: RuleSet, known: frozenset[str] | None) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from .._rules import rule_files
-
     known = _known_modules(args, settings, implicit=True)
     try:
         rules = _load(settings, known)
@@ -246,7 +265,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return int(ExitCode.FAILURE)
-    files, _ = rule_files(settings.rules)
+    files = rules.sources
     names = ", ".join(sorted(rules.modules)) or "none"
     checked = (
         f"checked against {settings.registry}"

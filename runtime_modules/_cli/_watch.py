@@ -73,6 +73,7 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
     from .._journal import Journal
 
     check_state_dir(settings)
+    _check_rule_files(settings)
     if args.log_level:
         settings = settings.with_(log_level=args.log_level)
     journal = Journal.for_level(settings.log_level)
@@ -81,3 +82,23 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
     daemon = Daemon(settings, dry_run=args.dry_run, netns=args.netns, journal=journal)
     return daemon.run()
+
+
+def _check_rule_files(settings: Settings) -> None:
+    """Refuse rule paths that hold no rule file (a folder of other files), as ``rules check``
+    does; but empty folders are the NixOS module's when no rule is configured: the daemon runs
+    for the changes by hand, and says so."""
+    from .._rules import rule_files
+    from ._rules import no_rule_file
+
+    found = rule_files(settings.rules)
+    if found[0] or found[1]:  # files, or problems (a missing path) the daemon reports itself
+        return
+    if settings.rules and all(p.is_dir() and not any(p.iterdir()) for p in settings.rules):
+        print(
+            f"runtime-modules: note: no rule file in {', '.join(map(str, settings.rules))}: "
+            "no rule enables a module; modules change only by hand",
+            file=sys.stderr,
+        )
+        return
+    raise no_rule_file(settings.rules)
