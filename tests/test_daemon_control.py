@@ -597,17 +597,7 @@ def test_events_stream_what_happens(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run = start_daemon()
-    seen: list[EventMessage] = []
-    client = ControlClient(public_state.control_socket, idle_timeout=10)
-
-    def listen() -> None:
-        with contextlib.suppress(Exception):
-            for answer in client.request(EventsRequest()):
-                if isinstance(answer, EventMessage):
-                    seen.append(answer)
-
-    threading.Thread(target=listen, daemon=True).start()
-    assert eventually(lambda: run.call(lambda: run.daemon.control.server.subscribers) == 1)
+    seen = subscribe_events(run, public_state)
     assert cli(capsys, "enable", "gaming")[0] == ExitCode.OK
     veth_up(netns)
     assert eventually(lambda: applied(public_state) == {"gaming", "virtualization"})
